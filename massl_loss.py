@@ -1,0 +1,142 @@
+"""The MaSSL loss: view-to-memory distributions matched across crops (spec steps 4-6)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["MaSSLLoss", "KoLeoLoss"]
+
+
+class MaSSLLoss(nn.Module):
+    """Cross-entropy between teacher and student similarity distributions over memory blocks.
+
+    Every step the ``K`` memory slots are shuffled by a permutation and cut into
+    ``n = K // block_size`` blocks of ``block_size`` slots; when ``K`` is not a multiple of
+    ``block_size`` the ``K - n * block_size`` slots at the end of the permutation are
+    unused that step. For every crop and every block, the logits restricted to that
+    block form one softmax. The loss is
+
+        mean over pairs (student crop i, teacher crop j), i != j, of
+        mean over images and blocks of  -sum_p softmax(t_j / teacher_temp)_p
+                                               * log_softmax(s_i / student_temp)_p
+
+    with ``2 * (V - 1)`` pairs for 2 global crops. The teacher side carries no gradient.
+
+    Shapes: ``student_emb`` is ``(V * B, D)`` crop-major (all images of crop 0, then crop
+    1, ...; the first ``n_global_crops`` crops are the global ones), ``teacher_emb`` is
+    ``(n_global_crops * B, D)`` in the same order, ``memory_features`` is ``(K, D)``.
+
+    Implementation: the memory rows are permuted once (not every logits matrix), and the
+    sum over pairs is regrouped so each student crop's log-partition and each teacher
+    softmax are computed once: with ``lse`` the per-block log-sum-exp of a student crop,
+    ``H(t, s) = lse(s) - <t, s>`` because teacher probabilities sum to one per block, and
+    the teacher targets of a student crop are summed before the dot product. No
+    ``(pairs, B, K)`` tensor is ever built. The logits are computed in float32 even under
+    autocast: a 16-bit softmax over thousands of slots loses the signal.
+    """
+
+    def __init__(self, block_size: int, student_temp: float = 0.1, n_global_crops: int = 2):
+        super().__init__()
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be positive, got {student_temp}")
+        if n_global_crops < 1:
+            raise ValueError(f"n_global_crops must be >= 1, got {n_global_crops}")
+        self.block_size = block_size
+        self.student_temp = student_temp
+        self.n_global_crops = n_global_crops
+
+    def extra_repr(self) -> str:
+        return (f"block_size={self.block_size}, student_temp={self.student_temp}, "
+                f"n_global_crops={self.n_global_crops}")
+
+    def _check(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor,
+               memory_features: torch.Tensor) -> tuple[int, int]:
+        """Validate shapes; returns (number of student crops V, images per crop B)."""
+        for name, t in (("student_emb", student_emb), ("teacher_emb", teacher_emb),
+                        ("memory_features", memory_features)):
+            if t.dim() != 2:
+                raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        G = self.n_global_crops
+        dims = {student_emb.shape[1], teacher_emb.shape[1], memory_features.shape[1]}
+        if len(dims) != 1:
+            raise ValueError(
+                f"embedding dims differ: student {student_emb.shape[1]}, teacher "
+                f"{teacher_emb.shape[1]}, memory {memory_features.shape[1]}")
+        if teacher_emb.shape[0] % G != 0 or teacher_emb.shape[0] == 0:
+            raise ValueError(
+                f"teacher_emb has {teacher_emb.shape[0]} rows, not a positive multiple of "
+                f"n_global_crops={G}")
+        B = teacher_emb.shape[0] // G
+        if student_emb.shape[0] % B != 0:
+            raise ValueError(
+                f"student_emb has {student_emb.shape[0]} rows, not a multiple of the batch "
+                f"{B} implied by teacher_emb")
+        V = student_emb.shape[0] // B
+        if V < 2 or V < G:
+            raise ValueError(
+                f"need at least 2 student crops including the {G} global ones, got {V}")
+        K = memory_features.shape[0]
+        if self.block_size > K:
+            raise ValueError(f"block size {self.block_size} is larger than the memory size {K}")
+        return V, B
+
+    def forward(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor,
+                memory_features: torch.Tensor, teacher_temp: float,
+                perm: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scalar loss. ``perm`` (a permutation of ``range(K)``) fixes the random blocks;
+        when ``None`` a fresh one is drawn with ``generator`` (on the memory's device)."""
+        V, B = self._check(student_emb, teacher_emb, memory_features)
+        G, P = self.n_global_crops, self.block_size
+        K = memory_features.shape[0]
+        n_blocks = K // P
+        if perm is None:
+            perm = torch.randperm(K, generator=generator, device=memory_features.device)
+        elif perm.shape != (K,):
+            raise ValueError(f"perm must have shape ({K},), got {tuple(perm.shape)}")
+
+        with torch.autocast(device_type=student_emb.device.type, enabled=False):
+            # One gather of the memory rows gives every block as a contiguous slice.
+            blocks = memory_features.detach()[perm[: n_blocks * P].to(memory_features.device)]
+            blocks = blocks.float()
+            s = (student_emb.float() @ blocks.T).div_(self.student_temp).view(V, B, n_blocks, P)
+            with torch.no_grad():
+                t = (teacher_emb.detach().float() @ blocks.T).div_(teacher_temp)
+                t = t.view(G, B, n_blocks, P).softmax(dim=-1)
+                t_sum = t.sum(dim=0)
+
+            # sum over pairs of <t_j, s_i>: every crop against all teachers, minus the
+            # global crops matched with themselves.
+            cross = (s.sum(dim=0) * t_sum).sum() - (s[:G] * t).sum()
+            # sum over pairs of lse(s_i): each crop has G teachers, a global crop G - 1.
+            lse = torch.logsumexp(s, dim=-1).sum(dim=(1, 2))
+            n_teachers = torch.full((V,), float(G), device=s.device)
+            n_teachers[:G] = G - 1
+            n_pairs = V * G - G
+            return ((n_teachers * lse).sum() - cross) / (n_pairs * B * n_blocks)
+
+
+class KoLeoLoss(nn.Module):
+    """Kozachenko-Leonenko entropy regulariser (Sablayrolles et al., 2019), as in DINOv2.
+
+    ``-mean(log(min distance to another sample))`` over L2-normalised embeddings; it
+    spreads the batch. Optional in MaSSL (weight 0 in the reference runs).
+    """
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < 2:
+            raise ValueError("KoLeo needs at least 2 samples")
+        x = F.normalize(x.float(), dim=-1, eps=self.eps)
+        with torch.no_grad():
+            sim = x @ x.T
+            sim.fill_diagonal_(-2.0)
+            nearest = sim.argmax(dim=1)
+        dist = (x - x[nearest]).norm(dim=-1)
+        return -torch.log(dist + self.eps).mean()

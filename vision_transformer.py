@@ -1,0 +1,195 @@
+"""ViT backbones, the MaSSL projection head and the multi-crop wrapper.
+
+The backbone is timm's ``VisionTransformer`` (SDPA attention, drop-path, dynamic
+position-embedding interpolation), configured so that its state-dict keys are exactly
+those of DINO's and timm's ViT: a backbone trained here loads with ``strict=True`` into
+``timm.create_model("vit_small_patch16_224", num_classes=0)``. On top of timm we add the
+two DINO interfaces evaluation code relies on: ``get_intermediate_layers`` (normed
+outputs of the last blocks, CLS token included) and ``get_last_selfattention``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer as _TimmViT
+
+__all__ = [
+    "VisionTransformer",
+    "vit_nano",
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
+    "vit_large",
+    "VIT_ARCHS",
+    "build_backbone",
+    "MaSSLHead",
+    "MultiCropWrapper",
+]
+
+
+class VisionTransformer(_TimmViT):
+    """timm's ViT returning the final-normed CLS token, at any input resolution.
+
+    ``img_size`` only fixes the size of the learned position-embedding grid; inputs of
+    other sizes (96 px local crops, 480 px evaluation images) get the grid resampled
+    bicubically on the fly.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, **kwargs):
+        kwargs.setdefault("num_classes", 0)
+        kwargs.setdefault("global_pool", "token")
+        kwargs.setdefault("qkv_bias", True)
+        super().__init__(img_size=img_size, patch_size=patch_size, dynamic_img_size=True, **kwargs)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + CLS token + (resampled) position embedding."""
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Outputs of the last ``n`` blocks, each passed through the final norm (as DINO).
+
+        Each item is ``(B, 1 + num_patches, embed_dim)`` with the CLS token at index 0.
+        """
+        x = self._tokens(x)
+        outputs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of the last block, ``(B, num_heads, N, N)`` with N = 1 + patches."""
+        x = self._tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        last = self.blocks[-1]
+        attn = last.attn
+        B, N, C = x.shape
+        qkv = attn.qkv(last.norm1(x)).reshape(B, N, 3, attn.num_heads, C // attn.num_heads)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+# name -> (embed_dim, depth, num_heads). vit_nano is our CPU-sized model (about 1.2 M
+# parameters), the others are the standard DeiT/DINO sizes.
+VIT_ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_nano": (128, 6, 4),
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+def _vit_factory(name: str) -> Callable[..., VisionTransformer]:
+    embed_dim, depth, num_heads = VIT_ARCHS[name]
+
+    def build(patch_size: int = 16, **kwargs) -> VisionTransformer:
+        return VisionTransformer(
+            patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=4.0, **kwargs)
+
+    build.__name__ = name
+    build.__doc__ = f"ViT with embed_dim={embed_dim}, depth={depth}, heads={num_heads}, any patch size."
+    return build
+
+
+vit_nano = _vit_factory("vit_nano")
+vit_tiny = _vit_factory("vit_tiny")
+vit_small = _vit_factory("vit_small")
+vit_base = _vit_factory("vit_base")
+vit_large = _vit_factory("vit_large")
+
+
+class UnknownArchError(ValueError):
+    """Raised for an ``--arch`` that is neither one of ours nor a timm model name."""
+
+
+def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224,
+                   drop_path_rate: float = 0.0) -> tuple[nn.Module, int]:
+    """Build a backbone by name; returns ``(model, feature_dim)``.
+
+    ``arch`` is one of ``VIT_ARCHS`` (our ViTs, CLS output) or any timm model name, built
+    with ``num_classes=0`` so it returns its pooled feature and never downloads weights.
+    """
+    if arch in VIT_ARCHS:
+        model = _vit_factory(arch)(patch_size=patch_size, img_size=img_size,
+                                   drop_path_rate=drop_path_rate)
+        return model, model.embed_dim
+    if timm.is_model(arch):
+        kwargs = {"num_classes": 0, "pretrained": False}
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        model = timm.create_model(arch, **kwargs)
+        return model, model.num_features
+    raise UnknownArchError(
+        f"unknown --arch '{arch}': use one of {', '.join(VIT_ARCHS)} or a timm model name "
+        "(python -c 'import timm; print(timm.list_models())' lists them)")
+
+
+class MaSSLHead(nn.Module):
+    """Projection head of spec step 2: MLP to ``out_dim``, then L2 normalisation.
+
+    ``Linear(in, hidden) -> GELU -> [Linear(hidden, hidden) -> GELU] * (nlayers - 2) ->
+    Linear(hidden, out)``, optional BatchNorm after each hidden linear. There are no
+    prototypes: the memory bank plays that role.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 256, hidden_dim: int = 2048,
+                 nlayers: int = 3, use_bn: bool = False):
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(nlayers - 1):
+            layers.append(nn.Linear(dim, hidden_dim))
+            if use_bn:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.GELU())
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, out_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone + head over a list of crops.
+
+    Consecutive crops of the same resolution are concatenated and go through the backbone
+    in one batch (2 global crops together, all local crops together); the head then runs
+    once over every crop. The output is crop-major: all images of crop 0, then crop 1, ...
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        features = []
+        start = 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(list(crops[start:end]))))
+            start = end
+        return self.head(torch.cat(features))
