@@ -5,6 +5,9 @@ atomic checkpoint writes; image loading that names the bad file; clean CLI error
 """
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
 import random
 import sys
@@ -191,3 +194,264 @@ def load_rgb_image(path: str) -> Image.Image:
             return img.convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt data
         raise BadImageError(f"cannot read image {path}: {e}") from e
+
+
+# --------------------------------------------------------------------------- weights loading
+
+# Parameters that exist only for pretraining and that no evaluation backbone has:
+# iBOT's learned mask token. Dropped by name; everything else must match exactly.
+TRAINING_ONLY_BACKBONE_KEYS = ("masked_embed",)
+
+# How many key names an error message lists before saying "(+N more)".
+_MAX_KEYS_IN_ERROR = 8
+
+
+def _strip_prefix(key: str, prefix: str) -> str:
+    return key[len(prefix):] if key.startswith(prefix) else key
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def user_error_message(exc: BaseException) -> str:
+    """One line for ``exc``, also when a DataLoader worker re-raised it.
+
+    A worker re-raises an exception with the whole worker traceback as its message
+    ("Caught BadImageError in DataLoader worker process 0. Original Traceback ...");
+    the original message is the text after ``Name:`` on its last line.
+    """
+    text = str(exc).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        name = type(exc).__name__ + ": "
+        return last.split(name, 1)[1] if name in last else last
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _torch_load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` that also accepts DINO/iBOT checkpoints, whose
+    ``args`` is an ``argparse.Namespace`` (a plain attribute bag, safe to rebuild)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5
+        return torch.load(path, map_location="cpu", weights_only=True)
+    with safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_flat_state_dict(obj: Any) -> bool:
+    return (isinstance(obj, dict) and len(obj) > 0
+            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()))
+
+
+def _plain_args(args: Any) -> dict | None:
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    if isinstance(args, dict):
+        return dict(args)
+    return None
+
+
+def _safetensors_args(path: Path) -> dict | None:
+    """Training args stored in a ``.safetensors`` header (strings, JSON-decoded when they parse)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "arch" not in metadata:
+        return None
+    args = {}
+    for key, value in metadata.items():
+        try:
+            args[key] = json.loads(value)
+        except (TypeError, ValueError):
+            args[key] = value
+    return args
+
+
+def read_checkpoint_backbone(path: str | os.PathLike, checkpoint_key: str = "teacher"
+                             ) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The backbone state dict in ``path`` and the training ``args`` stored with it, if any.
+
+    Accepts our training checkpoints and DINO/iBOT ones (``checkpoint_key`` picks
+    ``teacher`` or ``student``, whose keys are ``backbone.*``/``head.*``, possibly under
+    ``module.``), a dict with ``model`` or ``state_dict``, a bare backbone state dict, and
+    exported files (``.pth`` flat dict, or ``.safetensors`` whose header may carry the
+    args). ``module.`` then ``backbone.`` are stripped only at the start of a key, the
+    projection head (``head.*``) and iBOT's ``masked_embed`` are dropped. Never downloads.
+    Raises ``UserError`` for a missing or unreadable file or a missing ``checkpoint_key``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such file: {path} (--pretrained_weights must be a local file; "
+                        "nothing is downloaded)")
+    args = None
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise UserError(f"{path} is a .safetensors file: pip install safetensors") from e
+        try:
+            ckpt = load_file(str(path), device="cpu")
+            args = _safetensors_args(path)
+        except Exception as e:
+            raise UserError(f"cannot read {path}: {_first_line(e)}") from e
+    else:
+        try:
+            ckpt = _torch_load_weights_only(path)
+        except Exception as e:
+            raise UserError(f"cannot read checkpoint {path} (not a torch.save file, or a truncated "
+                            f"one?): {type(e).__name__}: {_first_line(e)}") from e
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict")
+
+    if isinstance(ckpt.get(checkpoint_key), dict):
+        state = ckpt[checkpoint_key]
+    elif _is_flat_state_dict(ckpt):
+        state = ckpt  # a bare or exported backbone: there is only one set of weights
+    elif isinstance(ckpt.get("model"), dict):
+        state = ckpt["model"]
+    elif isinstance(ckpt.get("state_dict"), dict):
+        state = ckpt["state_dict"]
+    else:
+        raise UserError(f"{path} has no '{checkpoint_key}' entry; it has: "
+                        f"{', '.join(map(str, ckpt)) or 'nothing'} (choose one with --checkpoint_key)")
+    if state is not ckpt:
+        args = _plain_args(ckpt.get("args"))
+
+    backbone: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            continue
+        key = _strip_prefix(_strip_prefix(key, "module."), "backbone.")
+        if key.startswith("head.") or key in TRAINING_ONLY_BACKBONE_KEYS:
+            continue
+        backbone[key] = value
+    if not backbone:
+        raise UserError(f"{path} ('{checkpoint_key}') holds no backbone weights")
+    return backbone, args
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_KEYS_IN_ERROR])
+    more = len(keys) - _MAX_KEYS_IN_ERROR
+    return f"[{shown}{f', ... (+{more} more)' if more > 0 else ''}]"
+
+
+def load_backbone_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                             source: str = "the checkpoint") -> None:
+    """``model.load_state_dict(state_dict, strict=True)``, or a ``UserError`` that lists
+    the missing and unexpected keys and the shape mismatches on one line."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys {_listed(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys {_listed(unexpected)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches {_listed(mismatched)}")
+        raise UserError(f"weights in {source} do not fit the {type(model).__name__} that was built: "
+                        f"{'; '.join(problems)}. Check --arch and --patch_size "
+                        "(and --checkpoint_key)")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_pretrained_weights(model: torch.nn.Module, path: str | os.PathLike,
+                            checkpoint_key: str = "teacher") -> None:
+    """Load the backbone weights found in ``path`` into ``model``, strictly.
+
+    See ``read_checkpoint_backbone`` for the accepted formats. Any missing, unexpected or
+    wrongly shaped key is a ``UserError``: a model is never left partly random.
+    """
+    state_dict, _ = read_checkpoint_backbone(path, checkpoint_key)
+    load_backbone_state_dict(model, state_dict, source=str(path))
+
+
+def _infer_vit_arch(state_dict: dict[str, torch.Tensor], vit_archs: dict) -> str | None:
+    """Our ViT whose width and depth match the weights (the head count cannot be read off
+    the weights; each width has one standard head count)."""
+    if "cls_token" not in state_dict:
+        return None
+    width = state_dict["cls_token"].shape[-1]
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    matches = [name for name, (dim, d, _) in vit_archs.items() if (dim, d) == (width, depth)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _pos_embed_grid(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """Side of the square position-embedding grid (CLS token excluded), if there is one."""
+    pos_embed = state_dict.get("pos_embed")
+    if pos_embed is None or pos_embed.ndim != 3:
+        return None
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    return side if side * side == pos_embed.shape[1] - 1 else None
+
+
+def build_backbone_from_checkpoint(path: str | os.PathLike, arch: str | None = None,
+                                   patch_size: int | None = None, checkpoint_key: str = "teacher",
+                                   img_size: int | None = None
+                                   ) -> tuple[torch.nn.Module, int, dict]:
+    """Build the backbone a checkpoint was trained with and load its weights strictly.
+
+    ``arch`` and ``patch_size`` default to the checkpoint's stored args; without args
+    (a bare or exported state dict) the patch size is read off ``patch_embed`` and the
+    arch off the width and depth of the weights. The position-embedding grid is the one
+    stored in ``pos_embed`` (= training ``global_crops_size`` / patch size), so the
+    weights load unchanged; the ViT resamples it on the fly for other input sizes. An
+    explicit ``img_size`` with another grid gets ``pos_embed`` resampled once, bicubically.
+    Returns ``(model, feature_dim, info)``; ``info`` says what was used and why.
+    """
+    import vision_transformer as vits  # here, not at the top: utils must stay import-light
+
+    state_dict, args = read_checkpoint_backbone(path, checkpoint_key)
+    stored = args or {}
+    notes: list[str] = []
+    if arch is None:
+        arch = stored.get("arch")
+        if arch is None:
+            arch = _infer_vit_arch(state_dict, vits.VIT_ARCHS)
+            if arch is None:
+                raise UserError(f"{path} stores no training args and its weights match none of "
+                                f"{', '.join(vits.VIT_ARCHS)}: pass --arch (and --patch_size)")
+            notes.append(f"arch {arch} inferred from the weights' width and depth")
+    if arch in vits.VIT_ARCHS:
+        if patch_size is None:
+            patch_size = stored.get("patch_size")
+            if patch_size is None and "patch_embed.proj.weight" in state_dict:
+                patch_size = int(state_dict["patch_embed.proj.weight"].shape[-1])
+                notes.append(f"patch size {patch_size} read off patch_embed")
+        patch_size = int(patch_size or 16)
+        grid = _pos_embed_grid(state_dict)
+        trained_img_size = grid * patch_size if grid else stored.get("global_crops_size")
+        if img_size is None:
+            img_size = int(trained_img_size or 224)
+        elif grid and img_size // patch_size != grid:
+            from timm.layers import resample_abs_pos_embed
+
+            new_grid = img_size // patch_size
+            state_dict = dict(state_dict)
+            state_dict["pos_embed"] = resample_abs_pos_embed(
+                state_dict["pos_embed"], new_size=[new_grid, new_grid], old_size=[grid, grid],
+                num_prefix_tokens=1)
+            notes.append(f"pos_embed resampled from {grid}x{grid} to {new_grid}x{new_grid}")
+    try:
+        model, feature_dim = vits.build_backbone(arch, patch_size or 16, img_size=img_size or 224)
+    except vits.UnknownArchError as e:
+        raise UserError(str(e)) from e
+    try:
+        load_backbone_state_dict(model, state_dict, source=f"{path} ('{checkpoint_key}')")
+    except UserError as e:
+        if "arch" in stored:
+            raise UserError(f"{e} The checkpoint was trained with --arch {stored['arch']} "
+                            f"--patch_size {stored.get('patch_size', '?')}.") from e
+        raise
+    info = {"path": str(path), "checkpoint_key": checkpoint_key, "arch": arch,
+            "patch_size": patch_size, "img_size": img_size, "feature_dim": feature_dim,
+            "args": args, "notes": notes}
+    return model, feature_dim, info
