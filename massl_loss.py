@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["MaSSLLoss", "KoLeoLoss"]
 
@@ -32,7 +33,9 @@ class MaSSLLoss(nn.Module):
     softmax are computed once: with ``lse`` the per-block log-sum-exp of a student crop,
     ``H(t, s) = lse(s) - <t, s>`` because teacher probabilities sum to one per block, and
     the teacher targets of a student crop are summed before the dot product. No
-    ``(pairs, B, K)`` tensor is ever built. The logits are computed in float32 even under
+    ``(pairs, B, K)`` tensor is ever built. The gradient is written out (``_BlockCrossEntropy``)
+    so that one ``(V * B, K)`` buffer -- the logits, turned into block softmaxes in place --
+    is all that is kept for the backward pass. The logits are computed in float32 even under
     autocast: a 16-bit softmax over thousands of slots loses the signal.
     """
 
@@ -102,21 +105,60 @@ class MaSSLLoss(nn.Module):
             # One gather of the memory rows gives every block as a contiguous slice.
             blocks = memory_features.detach()[perm[: n_blocks * P].to(memory_features.device)]
             blocks = blocks.float()
-            s = (student_emb.float() @ blocks.T).div_(self.student_temp).view(V, B, n_blocks, P)
             with torch.no_grad():
                 t = (teacher_emb.detach().float() @ blocks.T).div_(teacher_temp)
-                t = t.view(G, B, n_blocks, P).softmax(dim=-1)
-                t_sum = t.sum(dim=0)
+                t = t.view(G, B * n_blocks, P).softmax(dim=-1).view(G, B, n_blocks * P)
+            return _BlockCrossEntropy.apply(student_emb.float(), blocks, t, P, self.student_temp)
 
-            # sum over pairs of <t_j, s_i>: every crop against all teachers, minus the
-            # global crops matched with themselves.
-            cross = (s.sum(dim=0) * t_sum).sum() - (s[:G] * t).sum()
-            # sum over pairs of lse(s_i): each crop has G teachers, a global crop G - 1.
-            lse = torch.logsumexp(s, dim=-1).sum(dim=(1, 2))
-            n_teachers = torch.full((V,), float(G), device=s.device)
-            n_teachers[:G] = G - 1
-            n_pairs = V * G - G
-            return ((n_teachers * lse).sum() - cross) / (n_pairs * B * n_blocks)
+
+class _BlockCrossEntropy(torch.autograd.Function):
+    """The MaSSL loss from the student embeddings ``z`` (``(V*B, D)``), the permuted memory
+    ``blocks`` (``(n*P, D)``) and the teacher block softmaxes ``t`` (``(G, B, n*P)``).
+
+    With ``s_i = z_i @ blocks.T / temp`` and ``T_i`` the sum of the teacher distributions
+    crop i is matched with (``n_i`` of them), the summed cross-entropy is
+    ``sum_i n_i * lse(s_i) - <s_i, T_i>`` (teacher distributions sum to one per block) and its
+    gradient ``(n_i * softmax(s_i) - T_i) @ blocks / temp``. Writing the gradient out lets
+    the logits buffer be turned into the block softmax in place and be the only
+    ``(V*B, n*P)`` tensor kept for backward; ``T_i @ blocks`` is a small ``(B, D)`` matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, z, blocks, t, block_size, temp):
+        G, B, KP = t.shape
+        V = z.shape[0] // B
+        logits = (z * (1.0 / temp)) @ blocks.T                       # (V*B, n*P)
+        # sum_i <s_i, T_i> = sum_i <s_i, sum_j t_j> - sum_{i<G} <s_i, t_i>, as matrix products
+        t_sum = t.sum(dim=0).view(B * KP)
+        s_flat = logits.view(V, B * KP)
+        cross = (s_flat @ t_sum).sum() - torch.bmm(
+            s_flat[:G].unsqueeze(1), t.view(G, B * KP, 1)).sum()
+        s = logits.view(V * B, -1, block_size)
+        peak = s.amax(dim=-1, keepdim=True)
+        s.sub_(peak).exp_()
+        total = s.sum(dim=-1, keepdim=True)
+        s.div_(total)                                                 # logits now hold softmax
+        lse = (peak + total.log()).view(V, -1).sum(dim=1)             # per crop
+        n_teachers = torch.full((V,), float(G), device=z.device)
+        n_teachers[:G] = G - 1
+        n_pairs, n_blocks = V * G - G, KP // block_size
+        norm = n_pairs * B * n_blocks
+        # T_i @ blocks from each teacher crop's probability-weighted memory mean, (B, D)
+        t_means = (t.view(G * B, KP) @ blocks).view(G, B, -1)
+        others = t_means.sum(dim=0, keepdim=True).expand(V, B, -1).clone()
+        others[:G] -= t_means  # global crop i is not matched with teacher crop i
+        ctx.save_for_backward(logits, blocks, others.view(V * B, -1),
+                              n_teachers.repeat_interleave(B))
+        ctx.scale = 1.0 / (norm * temp)
+        return ((n_teachers * lse).sum() - cross) / norm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        probs, blocks, others, n_rows = ctx.saved_tensors
+        with torch.autocast(device_type=probs.device.type, enabled=False):
+            grad_z = (n_rows[:, None] * (probs @ blocks) - others) * (grad * ctx.scale)
+        return grad_z, None, None, None, None
 
 
 class KoLeoLoss(nn.Module):
