@@ -1,0 +1,481 @@
+"""Benchmark: one full MaSSL training step -- images/s, peak memory and MFU.
+
+The step is the training script's: networks from ``main_massl.build_networks``, the
+optimizer's parameter groups, gradient clipping and teacher EMA from ``main_massl``, and
+the body of its training loop written out below (student on 2 global + L local crops,
+teacher on the 2 global crops, the MaSSL loss on the memory before its update, the memory
+update, backward with a gradient scaler for fp16, clipping, AdamW, EMA). Hyperparameters
+are ``main_massl``'s defaults. Input crops are random tensors already on the device: the
+data pipeline is measured by ``bench_data.py``.
+
+FLOPs of one step are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls
+and attention of the student forward + backward, the teacher forward and the loss; the
+optimizer and elementwise work are not counted, as usual for MFU). The peak is a large
+matmul in the step's compute dtype, measured in the same process before and after the timed
+steps (the better of the two); MFU is achieved FLOP/s over that peak.
+
+``--compare KNOB`` times the variants of one setting (precision, sdpa, compile, fused_adamw,
+read_loss) on the same model, alternating them step by step, so that on a shared machine a
+burst of load slows every variant alike.
+
+    python benchmarks/bench_step.py                   # GPU: the ViT-S/16 reference step
+    python benchmarks/bench_step.py --arch vit_base --batch_size 32   # the ViT-B/16 reference step
+    python benchmarks/bench_step.py --compare precision   # fp32 vs fp16 vs bf16 (also: sdpa,
+                                                          # compile, fused_adamw, read_loss)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_utils as bu  # noqa: E402  (also puts the repo root on sys.path)
+import main_massl  # noqa: E402
+from massl_loss import MaSSLLoss  # noqa: E402
+from memory import MemoryBank  # noqa: E402
+from vision_transformer import MultiCropWrapper  # noqa: E402
+
+DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# name -> (GPU default, CPU default). The GPU defaults are the ViT-S/16 reference step.
+DEFAULTS = {
+    "arch": ("vit_small", "vit_tiny"),
+    "patch_size": (16, 16),
+    "batch_size": (64, 8),
+    "global_size": (224, 96),
+    "local_size": (96, 48),
+    "local_crops_number": (10, 10),
+    "memory_size": (131072, 16384),
+    "block_size": (16384, 4096),
+    "precision": ("bf16", "fp32"),
+    "steps": (20, 10),
+    "warmup": (5, 3),
+    "peak_size": (8192, 2048),
+}
+QUICK = dict(arch="vit_nano", patch_size=4, batch_size=4, global_size=16, local_size=8,
+             local_crops_number=2, memory_size=64, block_size=16, steps=2, warmup=1,
+             peak_size=256)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def train_step(*, student: nn.Module, teacher: nn.Module, memory: MemoryBank,
+               criterion: MaSSLLoss, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None,
+               student_params: list[nn.Parameter], ema_student: list[torch.Tensor],
+               ema_teacher: list[torch.Tensor], clip_grad: float, lr: float, wd: float,
+               momentum: float, teacher_temp: float, crops: list[torch.Tensor],
+               perm_generator: torch.Generator, read_loss: bool = True) -> torch.Tensor:
+    """One optimizer step, as ``main_massl.train_one_epoch`` does it (no gradient
+    accumulation, one process). ``read_loss`` keeps the script's per-step ``loss.item()``
+    (its finiteness check), a host-device synchronisation on GPU."""
+    device = crops[0].device
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:  # only the first group is decayed
+            group["weight_decay"] = wd
+    B = crops[0].shape[0]
+    perm = torch.randperm(memory.size, generator=perm_generator, device=device)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        student_out = student(crops)
+        with torch.no_grad():
+            teacher_out = teacher(crops[:2])
+        loss = criterion(student_out, teacher_out, memory.features, teacher_temp, perm=perm)
+    if read_loss:
+        loss.item()
+    memory.update(teacher_out[B:2 * B])  # teacher embeddings of global crop 2
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            main_massl.clip_gradients(student_params, clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip_grad:
+            main_massl.clip_gradients(student_params, clip_grad)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    main_massl.ema_update(ema_teacher, ema_student, momentum)
+    return loss.detach()
+
+
+def set_fused_attention(model: nn.Module, enabled: bool) -> int:
+    """Switch timm attention between SDPA (True) and explicit softmax(QK^T)V; returns the
+    number of attention layers switched."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled
+            n += 1
+    return n
+
+
+def count_step_flops(student: nn.Module, teacher: nn.Module, memory: MemoryBank,
+                     criterion: MaSSLLoss, crops: list[torch.Tensor],
+                     amp_dtype: torch.dtype | None) -> dict[str, int]:
+    """FLOPs of the student forward, teacher forward, loss forward and the backward pass.
+
+    Counted with explicit attention: FlopCounterMode has formulas for matmuls and CUDA SDPA
+    kernels but not for every backend's fused attention (CPU's), and the arithmetic is the
+    same either way.
+    """
+    saved = {m: m.fused_attn for m in itertools.chain(student.modules(), teacher.modules())
+             if hasattr(m, "fused_attn")}
+    set_fused_attention(student, False)
+    set_fused_attention(teacher, False)
+    counts = {}
+    try:
+        autocast = torch.autocast(crops[0].device.type, dtype=amp_dtype,
+                                  enabled=amp_dtype is not None)
+        with autocast:
+            with FlopCounterMode(display=False) as fc:
+                student_out = student(crops)
+            counts["student forward"] = fc.get_total_flops()
+            with FlopCounterMode(display=False) as fc, torch.no_grad():
+                teacher_out = teacher(crops[:2])
+            counts["teacher forward"] = fc.get_total_flops()
+            with FlopCounterMode(display=False) as fc:
+                loss = criterion(student_out, teacher_out, memory.features, 0.04)
+            counts["loss forward"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            loss.backward()
+        counts["backward"] = fc.get_total_flops()
+    finally:
+        for module, value in saved.items():
+            module.fused_attn = value
+        student.zero_grad(set_to_none=True)
+    return counts
+
+
+def measure_peak_flops(device: torch.device, amp_dtype: torch.dtype | None, n: int,
+                       repeats: int = 5) -> tuple[float, str]:
+    """Best FLOP/s of a large square matmul in a compute dtype, measured now: the MFU
+    denominator."""
+    dtype = amp_dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = bu.interleaved_times({"mm": lambda: a @ b}, device, repeats=repeats, warmup=2)["mm"]
+    note = ""
+    if device.type == "cuda" and dtype == torch.float32:
+        note = f", TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+    return 2 * n ** 3 / min(times), f"{str(dtype).replace('torch.', '')} {n}x{n} matmul{note}"
+
+
+# --------------------------------------------------------------------------- set-up
+
+COMPARE = {  # knob -> values compared, first is the baseline
+    "precision": ["fp32", "fp16", "bf16"],
+    "sdpa": [False, True],
+    "compile": [False, True],
+    "fused_adamw": [False, True],
+    "read_loss": [True, False],
+}
+
+
+def training_args(opts: argparse.Namespace) -> argparse.Namespace:
+    """The training script's arguments (all its defaults) for this benchmark's shapes."""
+    return main_massl.get_args_parser().parse_args([
+        "--data_path", "unused-by-the-benchmark",
+        "--arch", opts.arch, "--patch_size", str(opts.patch_size),
+        "--global_crops_size", str(opts.global_size), "--local_crops_size", str(opts.local_size),
+        "--local_crops_number", str(opts.local_crops_number),
+        "--batch_size_per_gpu", str(opts.batch_size),
+        "--out_dim", str(opts.memory_size), "--partition_size", str(opts.block_size),
+    ])
+
+
+@dataclass
+class Setup:
+    args: argparse.Namespace
+    device: torch.device
+    student: nn.Module
+    teacher: nn.Module
+    memory: MemoryBank
+    criterion: MaSSLLoss
+    crops: list[torch.Tensor]
+    flops: dict[str, int]
+    perm_generator: torch.Generator
+
+
+def build_setup(opts: argparse.Namespace, device: torch.device) -> Setup:
+    """Networks, memory, loss and random crops as the training script builds them."""
+    args = training_args(opts)
+    main_massl.check_args(args, world_size=1)
+    if device.type == "cuda":  # as the training script sets them
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    try:
+        student, teacher, _ = main_massl.build_networks(args)
+    except main_massl.UnknownArchError as e:
+        raise bu.UserError(str(e)) from None
+    memory = MemoryBank(args.out_dim, args.bottleneck_dim)
+    student, teacher, memory = student.to(device), teacher.to(device), memory.to(device)
+    criterion = MaSSLLoss(args.partition_size, student_temp=args.student_temp, n_global_crops=2)
+    B = args.batch_size_per_gpu
+    crops = ([torch.randn(B, 3, args.global_crops_size, args.global_crops_size, device=device)
+              for _ in range(2)]
+             + [torch.randn(B, 3, args.local_crops_size, args.local_crops_size, device=device)
+                for _ in range(args.local_crops_number)])
+    flops = count_step_flops(student, teacher, memory, criterion, crops, DTYPES[opts.precision])
+    return Setup(args, device, student, teacher, memory, criterion, crops, flops,
+                 torch.Generator(device=device).manual_seed(0))
+
+
+def make_step(setup: Setup, *, precision: str, sdpa: bool, compile: bool, fused_adamw: bool,
+              read_loss: bool, shared: dict) -> Callable[[], torch.Tensor]:
+    """A closure running one training step in this variant. Variants share the weights;
+    ``shared`` caches what they can share (optimizers, compiled backbones, the scaler)."""
+    args, device = setup.args, setup.device
+    student, teacher = setup.student, setup.teacher
+    if compile:
+        if "compiled" not in shared:  # wrappers that share the parameters of the originals
+            shared["compiled"] = (
+                MultiCropWrapper(torch.compile(student.backbone), student.head),
+                MultiCropWrapper(torch.compile(teacher.backbone), teacher.head))
+        student, teacher = shared["compiled"]
+    key = ("optimizer", fused_adamw)
+    if key not in shared:
+        shared[key] = torch.optim.AdamW(main_massl.get_params_groups(setup.student), lr=0.0,
+                                        weight_decay=0.0, fused=fused_adamw)
+    optimizer = shared[key]
+    amp_dtype = DTYPES[precision]
+    scaler = None
+    if amp_dtype == torch.float16:
+        scaler = shared.setdefault("scaler", torch.amp.GradScaler(device.type))
+    student_params = [p for p in setup.student.parameters() if p.requires_grad]
+    ema_student, ema_teacher = list(setup.student.parameters()), list(setup.teacher.parameters())
+    B = args.batch_size_per_gpu
+
+    def step() -> torch.Tensor:
+        set_fused_attention(setup.student, sdpa)
+        set_fused_attention(setup.teacher, sdpa)
+        return train_step(
+            student=student, teacher=teacher, memory=setup.memory, criterion=setup.criterion,
+            optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype,
+            student_params=student_params, ema_student=ema_student, ema_teacher=ema_teacher,
+            clip_grad=args.clip_grad, lr=args.lr * B / 256, wd=args.weight_decay,
+            momentum=args.momentum_teacher, teacher_temp=args.warmup_teacher_temp,
+            crops=setup.crops, perm_generator=setup.perm_generator, read_loss=read_loss)
+
+    return step
+
+
+def variant_name(v: dict) -> str:
+    return (f"{v['precision']}, SDPA {'on' if v['sdpa'] else 'off'}, compile "
+            f"{'on' if v['compile'] else 'off'}, {'fused' if v['fused_adamw'] else 'foreach'} "
+            f"AdamW{'' if v['read_loss'] else ', no loss.item()'}")
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def run(opts: argparse.Namespace) -> dict:
+    """Time one configuration, or every value of ``opts.compare``, alternating step by step."""
+    device = bu.resolve_device(opts.device)
+    rss_base = bu.peak_rss_bytes() if device.type == "cpu" else 0
+    base = {"precision": opts.precision, "sdpa": opts.sdpa, "compile": opts.compile,
+            "fused_adamw": device.type == "cuda" if opts.fused_adamw is None else opts.fused_adamw,
+            "read_loss": opts.read_loss}
+    variants = [base] if not opts.compare else [
+        {**base, opts.compare: value} for value in COMPARE[opts.compare]
+        if not (opts.compare == "precision" and value == "fp16" and device.type != "cuda")]
+    setup = build_setup(opts, device)
+    in_place = opts.compile and not opts.compare
+    if in_place:  # as the training script does it (state-dict keys unchanged)
+        setup.student.backbone.compile()
+        setup.teacher.backbone.compile()
+    teacher_before = next(setup.teacher.parameters()).detach().clone()
+    shared: dict = {}
+    steps = {variant_name(v): make_step(setup, **{**v, "compile": v["compile"] and not in_place},
+                                        shared=shared)
+             for v in variants}
+    losses: list[float] = []
+    peaks: dict[str, int] = {}
+
+    def timed(name: str, fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def call() -> None:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            losses.append(fn().item())
+            if device.type == "cuda":
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
+        return call
+
+    dtypes = sorted({v["precision"] for v in variants})
+    peak_flops = {d: measure_peak_flops(device, DTYPES[d], opts.peak_size) for d in dtypes}
+    if device.type == "cpu":
+        bu.reset_peak_rss()
+    times = bu.interleaved_times({name: timed(name, fn) for name, fn in steps.items()}, device,
+                                 repeats=opts.steps, warmup=opts.warmup)
+    if device.type == "cpu":
+        rss_peak = bu.peak_rss_bytes() - rss_base
+    for d in dtypes:  # again after: on a shared machine keep the better (less disturbed) one
+        again = measure_peak_flops(device, DTYPES[d], opts.peak_size)
+        peak_flops[d] = max(peak_flops[d], again, key=lambda x: x[0])
+    total_flops = sum(setup.flops.values())
+    rows = []
+    for v, (name, t) in zip(variants, times.items()):
+        step_s = statistics.median(t)
+        flops_peak, peak_what = peak_flops[v["precision"]]
+        if device.type == "cuda":
+            memory, memory_what = peaks[name], "torch.cuda.max_memory_allocated"
+        elif len(variants) == 1:
+            memory, memory_what = rss_peak, "peak RSS above the process after imports"
+        else:
+            memory, memory_what = None, "not measured per variant on CPU in --compare"
+        label = f"{opts.compare}={v[opts.compare]}" if opts.compare else name
+        rows.append({"variant": name, "label": label, "step_s": step_s, "step_times": t,
+                     "images_per_s": setup.args.batch_size_per_gpu / step_s,
+                     "speedup": bu.paired_ratio(times[variant_name(variants[0])], t),
+                     "mfu": total_flops / step_s / flops_peak, "peak_flops": flops_peak,
+                     "peak_what": peak_what, "peak_memory": memory, "memory_what": memory_what})
+    a = setup.args
+    return {
+        "device": bu.describe_device(device),
+        "shapes": (f"{a.arch}/{a.patch_size}, batch {a.batch_size_per_gpu}, crops "
+                   f"2x{a.global_crops_size} + {a.local_crops_number}x{a.local_crops_size}, "
+                   f"memory {a.out_dim}/{a.partition_size}"),
+        "flops": setup.flops, "total_flops": total_flops, "rows": rows,
+        "steps": opts.steps, "compare": opts.compare,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "teacher_moved": bool((next(setup.teacher.parameters()) != teacher_before).any()),
+        "memory_ptr": int(setup.memory.ptr),
+    }
+
+
+def print_result(r: dict) -> None:
+    print(r["device"])
+    print(f"shapes: {r['shapes']}")
+    parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in r["flops"].items())
+    print(f"flops: {r['total_flops'] / 1e9:.2f} GFLOP per step ({parts}; FlopCounterMode)")
+    for what, flops in sorted({(row["peak_what"], row["peak_flops"]) for row in r["rows"]}):
+        print(f"peak: {flops / 1e12:.3f} TFLOP/s ({what}, best of before and after the steps)")
+    if not r["compare"]:
+        row = r["rows"][0]
+        print(f"config: {row['variant']}")
+        print(f"step: {bu.fmt_seconds(row['step_s'])} (median of {r['steps']}), "
+              f"{row['images_per_s']:.1f} images/s, peak memory {bu.fmt_bytes(row['peak_memory'])}"
+              f" ({row['memory_what']}); loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}")
+    else:
+        print(f"compare: {r['compare']}, variants alternated step by step, {r['steps']} timed "
+              f"steps each; loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}")
+        print("| configuration | step | images/s | speed vs first | MFU | peak memory |")
+        print("|---|---|---|---|---|---|")
+        for row in r["rows"]:
+            memory = bu.fmt_bytes(row["peak_memory"]) if row["peak_memory"] is not None else "-"
+            print(f"| {row['variant']} | {bu.fmt_seconds(row['step_s'])} | "
+                  f"{row['images_per_s']:.1f} | {row['speedup']:.2f}x | {100 * row['mfu']:.1f}% "
+                  f"| {memory} |")
+    print(f"check: memory pointer {r['memory_ptr']}, teacher moved by EMA: "
+          f"{'yes' if r['teacher_moved'] else 'NO'}")
+    if not r["compare"]:
+        row = r["rows"][0]
+        print(f"ratio: achieved {r['total_flops'] / row['step_s'] / 1e12:.3f} TFLOP/s / peak "
+              f"{row['peak_flops'] / 1e12:.3f} TFLOP/s = MFU {100 * row['mfu']:.1f}%")
+    else:
+        print(f"ratio: speed vs {r['rows'][0]['label']} (median of per-round ratios): "
+              + ", ".join(f"{row['label']} {row['speedup']:.2f}x" for row in r["rows"][1:]))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults depend on the device: on a GPU the ViT-S/16 reference step (batch 64, "
+               "2x224 + 10x96 crops, memory 131072 in blocks of 16384, bf16); on a CPU a small "
+               "one (vit_tiny/16, batch 8, 2x96 + 10x48, memory 16384/4096, fp32).")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--arch", default=None,
+                   help="backbone (vit_small for the ViT-S/16 reference runs, vit_base for "
+                        "ViT-B/16)")
+    p.add_argument("--patch_size", type=int, default=None, help="ViT patch size (16 in the paper)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per GPU (64 for ViT-S, 32 for ViT-B in the reference runs)")
+    p.add_argument("--global_size", type=int, default=None,
+                   help="global crop size (224 in the paper)")
+    p.add_argument("--local_size", type=int, default=None,
+                   help="local crop size (96 in the paper)")
+    p.add_argument("--local_crops_number", type=int, default=None,
+                   help="local crops (10 in the paper)")
+    p.add_argument("--memory_size", type=int, default=None,
+                   help="K, memory slots (131072 in the paper)")
+    p.add_argument("--block_size", type=int, default=None,
+                   help="P, slots per block (16384 in the paper)")
+    p.add_argument("--precision", choices=list(DTYPES), default=None,
+                   help="autocast dtype of the networks (the loss always computes in float32); "
+                        "fp16 uses a gradient scaler. Default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--sdpa", type=bu.str2bool, default=True,
+                   help="fused scaled-dot-product attention (true) or explicit softmax(QK^T)V")
+    p.add_argument("--compile", type=bu.str2bool, default=False,
+                   help="torch.compile the backbones, as main_massl.py --compile does")
+    p.add_argument("--fused_adamw", type=bu.str2bool, default=None,
+                   help="AdamW(fused=...); default as the training script: fused on CUDA")
+    p.add_argument("--read_loss", type=bu.str2bool, default=True,
+                   help="keep the training script's per-step loss.item() (a GPU sync)")
+    p.add_argument("--compare", choices=list(COMPARE), default=None,
+                   help="time every value of one setting, alternating step by step on the same "
+                        "model: precision (fp32/fp16/bf16; fp16 on GPU only), sdpa, compile, "
+                        "fused_adamw, read_loss")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps (per variant); the median is reported (default 20 on GPU, "
+                        "10 on CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first, per variant (default 5 on GPU, 3 on CPU; "
+                        "compilation happens here with --compile)")
+    p.add_argument("--peak_size", type=int, default=None,
+                   help="N of the N x N matmul that measures the peak (default 8192 on GPU, "
+                        "2048 on CPU)")
+    p.add_argument("--quick", action="store_true",
+                   help="vit_nano/4 on 16 px crops, 2 steps: checks the script runs, "
+                        "measures nothing")
+    bu.add_common_args(p)
+    return p
+
+
+def resolve_options(opts: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset: --quick's tiny values, else the device's defaults."""
+    gpu = bu.resolve_device(opts.device).type == "cuda"
+    for key, (gpu_default, cpu_default) in DEFAULTS.items():
+        if getattr(opts, key) is None:
+            value = QUICK[key] if opts.quick and key in QUICK else (
+                gpu_default if gpu else cpu_default)
+            setattr(opts, key, value)
+    for key in ("batch_size", "global_size", "local_size", "memory_size", "block_size",
+                "steps", "patch_size", "peak_size"):
+        if getattr(opts, key) < 1:
+            raise bu.UserError(f"--{key} must be at least 1")
+    if opts.local_crops_number < 0:
+        raise bu.UserError("--local_crops_number must be >= 0")
+    if opts.warmup < 1:
+        raise bu.UserError("--warmup must be at least 1 (the first step allocates and compiles)")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = resolve_options(get_args_parser().parse_args(argv))
+    bu.apply_threads(opts.threads)
+    print_result(run(opts))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except bu.UserError as e:
+        bu.exit_with_error(str(e))

@@ -1,0 +1,131 @@
+"""The benchmarks run at tiny sizes and print what they promise (no timing assertions)."""
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def run_script(repo_root, *argv, expect_rc=0):
+    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=repo_root, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == expect_rc, proc.stdout + proc.stderr
+    return proc
+
+
+def line(output: str, prefix: str) -> str:
+    found = [x for x in output.splitlines() if x.startswith(prefix)]
+    assert len(found) == 1, f"expected one '{prefix}' line in:\n{output}"
+    return found[0]
+
+
+def test_bench_loss_quick_agrees_and_prints_ratio(repo_root):
+    out = run_script(repo_root, "benchmarks/bench_loss.py", "--quick", "--device", "cpu",
+                     "--threads", "1").stdout
+    check = line(out, "check:")
+    loss_diff, grad_diff = map(float, re.findall(r"= ([0-9.e+-]+)", check))
+    assert loss_diff < 1e-4 and grad_diff < 1e-5  # naive and ours compute the same thing
+    ratio = line(out, "ratio:")
+    assert re.search(r"naive/ours time [0-9.]+x", ratio), ratio
+    assert "peak memory" in ratio
+
+
+def test_naive_loss_matches_module_on_double_inputs(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    from bench_loss import naive_massl_loss
+    from massl_loss import MaSSLLoss
+
+    g = torch.Generator().manual_seed(3)
+    B, V, K, P, D = 3, 5, 48, 16, 8
+    student = F.normalize(torch.randn(V * B, D, generator=g, dtype=torch.float64), dim=1)
+    teacher = F.normalize(torch.randn(2 * B, D, generator=g, dtype=torch.float64), dim=1)
+    memory = F.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1)
+    perm = torch.randperm(K, generator=g)
+    naive = naive_massl_loss(student, teacher, memory, P, 0.1, 0.05, perm=perm)
+    ours = MaSSLLoss(P, student_temp=0.1)(student, teacher, memory, 0.05, perm=perm)
+    assert naive.item() == pytest.approx(ours.item(), rel=1e-5)
+
+
+def test_bench_step_quick_trains_and_prints_mfu(repo_root):
+    out = run_script(repo_root, "benchmarks/bench_step.py", "--quick", "--device", "cpu",
+                     "--threads", "1").stdout
+    flops = float(re.search(r"flops: ([0-9.]+) GFLOP", line(out, "flops:")).group(1))
+    assert flops > 0
+    first, last = map(float, re.search(r"loss ([-0-9.naif]+) -> ([-0-9.naif]+)",
+                                       line(out, "step:")).groups())
+    assert math.isfinite(first) and math.isfinite(last)
+    # 1 warm-up + 2 timed steps of 4 images each went through the memory and the EMA.
+    assert line(out, "check:") == "check: memory pointer 12, teacher moved by EMA: yes"
+    assert re.search(r"MFU [0-9.]+%", line(out, "ratio:"))
+
+
+def test_bench_step_compare_alternates_variants(repo_root):
+    out = run_script(repo_root, "benchmarks/bench_step.py", "--quick", "--device", "cpu",
+                     "--threads", "1", "--compare", "sdpa").stdout
+    rows = [x for x in out.splitlines() if x.startswith("| fp32, SDPA")]
+    assert [r.split(" | ")[0] for r in rows] == ["| fp32, SDPA off, compile off, foreach AdamW",
+                                                 "| fp32, SDPA on, compile off, foreach AdamW"]
+    # 2 variants x (1 warm-up + 2 timed steps) x 4 images
+    assert line(out, "check:") == "check: memory pointer 24, teacher moved by EMA: yes"
+    assert re.search(r"ratio: speed vs sdpa=False .*: sdpa=True [0-9.]+x$", line(out, "ratio:"))
+
+
+def test_bench_data_quick_on_real_images(repo_root, fmnist_folder):
+    out = run_script(repo_root, "benchmarks/bench_data.py", "--quick", "--workers", "0,1",
+                     "--variants", "torchvision_blur,pil_blur,script",
+                     "--data_path", fmnist_folder / "train").stdout
+    rows = [x for x in out.splitlines()
+            if re.match(r"\| (script|pil_blur|torchvision_blur) \| \d", x)]
+    assert len(rows) == 6, out
+    assert all(float(r.split("|")[3]) > 0 for r in rows)
+    assert re.search(r"script: main_massl.DataAugmentationMaSSL blurs with (pil|torchvision)$",
+                     line(out, "script:"))
+    assert re.search(r"ratio: pil_blur/torchvision_blur images/s: 0 workers [0-9.]+x, "
+                     r"1 workers [0-9.]+x", line(out, "ratio:"))
+
+
+def test_blur_swaps_keep_probabilities_sigma_and_seeding(repo_root, fmnist_folder, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    from torchvision.transforms import v2
+
+    import main_massl
+    import utils
+    from bench_data import PILGaussianBlur, blur_kind, set_blur
+
+    def blurs(aug):
+        return [(t.p, t.transforms[0]) for name in ("global_transfo1", "global_transfo2",
+                                                    "local_transfo")
+                for t in getattr(aug, name).transforms
+                if isinstance(t, v2.RandomApply)
+                and type(t.transforms[0]).__name__.endswith("GaussianBlur")]
+
+    aug = main_massl.DataAugmentationMaSSL((0.32, 1.0), (0.05, 0.32), 2, 32, 16)
+    assert [p for p, _ in blurs(aug)] == [1.0, 0.1, 0.5]  # spec step 1
+    assert set_blur(aug, "torchvision", 32, 16) == 3 and blur_kind(aug) == "torchvision"
+    assert [(p, b.kernel_size, tuple(b.sigma)) for p, b in blurs(aug)] == [
+        (1.0, (3, 3), (0.1, 2.0)), (0.1, (3, 3), (0.1, 2.0)), (0.5, (3, 3), (0.1, 2.0))]
+    assert set_blur(aug, "pil", 32, 16) == 3 and blur_kind(aug) == "pil"
+    assert [(p, type(b), b.sigma) for p, b in blurs(aug)] == [
+        (p, PILGaussianBlur, (0.1, 2.0)) for p in (1.0, 0.1, 0.5)]
+    image = utils.load_rgb_image(str(next((fmnist_folder / "train").rglob("*.png"))))
+    torch.manual_seed(0)
+    first = aug(image)
+    torch.manual_seed(0)
+    second = aug(image)
+    assert len(first) == 4 and first[0].shape == (3, 32, 32) and first[2].shape == (3, 16, 16)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # seeded by torch's RNG
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("bench_loss.py", ["--memory_size", "64", "--block_size", "128"], "--block_size"),
+    ("bench_step.py", ["--quick", "--arch", "no_such_net"], "unknown --arch"),
+    ("bench_data.py", ["--quick", "--workers", "a,b"], "--workers"),
+])
+def test_bad_options_give_one_line_errors(repo_root, script, argv, message):
+    device = [] if script == "bench_data.py" else ["--device", "cpu"]
+    proc = run_script(repo_root, f"benchmarks/{script}", *device, *argv, expect_rc=2)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:")
