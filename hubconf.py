@@ -1,0 +1,128 @@
+"""torch.hub entry points: MaSSL ViT backbones, random or with your trained weights.
+
+    import torch
+    model = torch.hub.load("/path/to/massl", "massl_vits16", source="local",
+                           pretrained="output/checkpoint.pth")
+    features = model(images)  # (B, 384) CLS features, any input size
+
+``pretrained`` is a local file (a training checkpoint, an ``export.py`` output, ``.pth`` or
+``.safetensors``, a DINO-style checkpoint) or an ``http(s)://`` (or ``file://``) URL of one.
+Nothing is downloaded unless you pass a URL; a URL's file is cached in
+``torch.hub.get_dir()/checkpoints`` as ``torch.hub.load_state_dict_from_url`` does, then read
+by the same strict loader as a local file. Weights load strictly: a checkpoint of another
+architecture raises an error that lists the mismatched keys, never a half-random model.
+With ``pretrained=None`` the backbone is randomly initialised.
+
+Keyword options of every entry point: ``checkpoint_key`` (``"teacher"``, the default, or
+``"student"``), ``img_size`` (position-embedding grid; default: the checkpoint's, else 224;
+any input size works at run time), ``drop_path_rate`` (for fine-tuning; default 0),
+``progress`` (download progress bar for URLs).
+"""
+from __future__ import annotations
+
+# Module imports only: every public callable here would be listed as a hub entry point.
+import contextlib
+import os
+import pathlib
+import sys
+import typing
+import urllib.parse
+
+import torch
+
+dependencies = ["torch", "timm"]
+
+_REPO_DIR = str(pathlib.Path(__file__).resolve().parent)
+# This repository's modules that the entry points import. Their names are generic, so a
+# project calling torch.hub may already have its own ``utils`` imported (or DINO's
+# ``vision_transformer``, from an earlier torch.hub.load).
+_REPO_MODULES = ("utils", "vision_transformer")
+
+
+def _is_ours(module: object, name: str) -> bool:
+    file = getattr(module, "__file__", None)
+    return (file is not None
+            and pathlib.Path(file).resolve() == pathlib.Path(_REPO_DIR, f"{name}.py"))
+
+
+@contextlib.contextmanager
+def _repo_modules() -> typing.Iterator[None]:
+    """Let ``import utils`` / ``import vision_transformer`` mean this repository's files
+    inside the block, and put back whatever the caller had under those names afterwards."""
+    before = {name: sys.modules.get(name) for name in _REPO_MODULES}
+    for name, module in before.items():
+        if module is not None and not _is_ours(module, name):
+            del sys.modules[name]
+    sys.path.insert(0, _REPO_DIR)
+    try:
+        yield
+    finally:
+        sys.path.remove(_REPO_DIR)  # removes the first entry: the one inserted above
+        for name, module in before.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def _local_copy(url: str, progress: bool) -> str:
+    """Download ``url`` once into torch.hub's checkpoint cache; returns the cached path."""
+    cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
+    os.makedirs(cache_dir, exist_ok=True)
+    cached = os.path.join(cache_dir, os.path.basename(urllib.parse.urlparse(url).path))
+    if not os.path.exists(cached):
+        print(f'Downloading "{url}" to {cached}', file=sys.stderr)
+        torch.hub.download_url_to_file(url, cached, progress=progress)
+    return cached
+
+
+def _massl_vit(arch: str, patch_size: int, pretrained: str | os.PathLike | None = None, *,
+               checkpoint_key: str = "teacher", img_size: int | None = None,
+               drop_path_rate: float = 0.0, progress: bool = True) -> torch.nn.Module:
+    if pretrained is True:
+        raise ValueError("pretrained=True: MaSSL publishes no default weights here; pass the path "
+                         "or URL of a checkpoint (or export.py output)")
+    with _repo_modules():
+        import utils
+        from vision_transformer import build_backbone
+
+        if not pretrained:
+            model, _ = build_backbone(arch, patch_size, img_size=img_size or 224,
+                                      drop_path_rate=drop_path_rate)
+            return model
+        path = str(pretrained)
+        if urllib.parse.urlparse(path).scheme in ("http", "https", "file"):
+            path = _local_copy(path, progress)
+        model, _, info = utils.build_backbone_from_checkpoint(
+            path, arch=arch, patch_size=patch_size, checkpoint_key=checkpoint_key,
+            img_size=img_size)
+        if drop_path_rate:
+            # build_backbone_from_checkpoint builds for inference (no drop-path); move the
+            # loaded weights into a twin that has it, strictly.
+            trained = model.state_dict()
+            model, _ = build_backbone(arch, patch_size, img_size=info["img_size"],
+                                      drop_path_rate=drop_path_rate)
+            model.load_state_dict(trained, strict=True)
+        return model
+
+
+def massl_vitt16(pretrained: str | os.PathLike | None = None, **kwargs) -> torch.nn.Module:
+    """ViT-Tiny/16 (192-d features). ``pretrained``: checkpoint path or URL, None = random."""
+    return _massl_vit("vit_tiny", 16, pretrained, **kwargs)
+
+
+def massl_vits16(pretrained: str | os.PathLike | None = None, **kwargs) -> torch.nn.Module:
+    """ViT-Small/16 (384-d features), the paper's main model (800 epochs on ImageNet-1k).
+    ``pretrained``: checkpoint path or URL, None = random."""
+    return _massl_vit("vit_small", 16, pretrained, **kwargs)
+
+
+def massl_vitb16(pretrained: str | os.PathLike | None = None, **kwargs) -> torch.nn.Module:
+    """ViT-Base/16 (768-d features; the paper trains it 400 epochs). ``pretrained``:
+    checkpoint path or URL, None = random."""
+    return _massl_vit("vit_base", 16, pretrained, **kwargs)
+
+
+def massl_vitl16(pretrained: str | os.PathLike | None = None, **kwargs) -> torch.nn.Module:
+    """ViT-Large/16 (1024-d features). ``pretrained``: checkpoint path or URL, None = random."""
+    return _massl_vit("vit_large", 16, pretrained, **kwargs)
