@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer as _TimmViT
 
 __all__ = [
     "VisionTransformer",
+    "vit_pico",
     "vit_nano",
     "vit_tiny",
     "vit_small",
@@ -76,9 +77,11 @@ class VisionTransformer(_TimmViT):
         return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
-# name -> (embed_dim, depth, num_heads). vit_nano is our CPU-sized model (about 1.2 M
-# parameters), the others are the standard DeiT/DINO sizes.
+# name -> (embed_dim, depth, num_heads). vit_pico (about 0.8 M parameters, the quick start's
+# CPU model) and vit_nano (about 1.2 M) are our CPU-sized models, the others are the standard
+# DeiT/DINO sizes.
 VIT_ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_pico": (128, 4, 4),
     "vit_nano": (128, 6, 4),
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
@@ -100,6 +103,7 @@ def _vit_factory(name: str) -> Callable[..., VisionTransformer]:
     return build
 
 
+vit_pico = _vit_factory("vit_pico")
 vit_nano = _vit_factory("vit_nano")
 vit_tiny = _vit_factory("vit_tiny")
 vit_small = _vit_factory("vit_small")
