@@ -499,12 +499,41 @@ class PretrainSampler(DistributedSampler):
         return self.samples_per_epoch - self.start
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    # Data workers leave SIGTERM/SIGUSR1 to the training process, which saves and exits;
-    # they end with it.
+WORKER_STOP_GRACE_S = 120
+
+
+def _defer_stop_signal(signum: int, frame: Any) -> None:
+    # The first stop signal arms a SIGALRM (default action: end the process) for
+    # WORKER_STOP_GRACE_S; later ones leave the running countdown as it is.
+    remaining = signal.alarm(0)
+    signal.alarm(remaining or WORKER_STOP_GRACE_S)
+
+
+def _defer_stop_signals(worker_id: int) -> None:
+    """Data-worker init: leave SIGTERM/SIGUSR1 to the training process.
+
+    SLURM signals every process of the job at once. A worker that died at once would make the
+    training process fail ("DataLoader worker exited unexpectedly") before it could save, so
+    workers let the training process save and then stop them (shutdown_loader_workers). They
+    do not ignore the signal for good: a worker nobody stops (the training process is exiting
+    without having shut it down, and multiprocessing's exit-time terminate() is all that is
+    left) ends WORKER_STOP_GRACE_S later instead of keeping the job, and its GPUs, alive.
+    """
+    if not hasattr(signal, "alarm"):  # Windows: no SIGUSR1/SIGALRM; keep the defaults
+        return
     for name in ("SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        signal.signal(getattr(signal, name), _defer_stop_signal)
+
+
+def shutdown_loader_workers(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent workers now, not whenever its iterator is collected.
+
+    After an exception the iterator lives on in the traceback, and its workers with it, until
+    interpreter exit, where multiprocessing terminates and joins them."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()  # private, but the only way that does not wait for gc
+    loader._iterator = None
 
 
 # --------------------------------------------------------------------------- model and optimiser
@@ -872,7 +901,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
     loader = DataLoader(
         dataset, batch_size=B, sampler=sampler, num_workers=args.num_workers,
         pin_memory=device.type == "cuda", drop_last=True,
-        persistent_workers=args.num_workers > 0, worker_init_fn=_ignore_stop_signals,
+        persistent_workers=args.num_workers > 0, worker_init_fn=_defer_stop_signals,
         generator=loader_generator)
     log(f"data: {len(dataset)} images in {args.data_path}; {world} process(es) x {B} images x "
         f"{accum} micro-batches = {B * world * accum} per step, {steps_per_epoch} steps per "
@@ -948,6 +977,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
                     f"the end of epoch {epoch + 1}")
                 return "preempted"
     finally:
+        shutdown_loader_workers(loader)
         if writer is not None:
             writer.close()
     log(f"Training time {format_seconds(time.time() - run_start)}")

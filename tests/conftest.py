@@ -21,3 +21,22 @@ def fmnist_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Fail the run when a test leaves worker processes behind, and end them.
+
+    A leftover data worker that defers SIGTERM would otherwise keep pytest from exiting
+    (multiprocessing joins its children at exit), and CI would hang instead of failing."""
+    import multiprocessing
+
+    leftover = multiprocessing.active_children()
+    if not leftover:
+        return
+    for process in leftover:
+        process.kill()
+        process.join(10)
+    names = ", ".join(f"{p.name} (pid {p.pid})" for p in leftover)
+    print(f"\nerror: tests left {len(leftover)} child process(es) running: {names}",
+          file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

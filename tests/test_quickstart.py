@@ -58,7 +58,7 @@ def test_smoke_run_writes_the_run_folder(smoke_run):
     assert (results["num_train"], results["num_val"], results["epochs"]) == (300, 100, 1)
     assert trained["num_train"] == 300 and trained["num_val"] == 100
     # the trained run evaluated the checkpoint, the baseline a random backbone of the same arch
-    assert trained["path"] and random_init["path"] is None
+    assert trained["checkpoint"] and random_init["checkpoint"] is None
     assert trained["arch"] == random_init["arch"] == results["train_options"]["arch"]
     assert (run_dir / "pretrain" / "checkpoint.pth").is_file()
     assert (run_dir / "pretrain" / "log.txt").is_file()

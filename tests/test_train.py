@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import re
 import shlex
@@ -334,12 +335,36 @@ def test_unreadable_image_mid_training_is_named_or_skipped(small_args, tiny_data
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and re.match(r"error: cannot read image .*zz_broken\.png", lines[0]), err
+    # The data worker was stopped with the run, not left for interpreter exit (where it would
+    # defer multiprocessing's terminate() and hold the process for minutes).
+    assert multiprocessing.active_children() == []
 
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
     code, out, err = run_main(small_args(data, "--skip_bad_images", "true"), capsys)
     assert code == 0, err
     assert "warning: skipping unreadable image" in err and "zz_broken.png" in err
     assert load(tmp_path / "out" / "checkpoint.pth")["epoch"] == 1
+
+
+def _worker_after_stop_signal(grace_s: int, pipe) -> None:
+    main_massl.WORKER_STOP_GRACE_S = grace_s
+    main_massl._defer_stop_signals(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    pipe.send("survived SIGTERM")
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not hasattr(signal, "alarm"), reason="needs SIGALRM")
+def test_data_worker_outlives_a_stop_signal_only_for_the_grace_period():
+    ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    worker = ctx.Process(target=_worker_after_stop_signal, args=(1, sender), daemon=True)
+    start = time.monotonic()
+    worker.start()
+    assert receiver.poll(30) and receiver.recv() == "survived SIGTERM"
+    worker.join(30)
+    assert worker.exitcode == -signal.SIGALRM  # ended by the grace-period alarm, not sleep
+    assert time.monotonic() - start < 30
 
 
 # --------------------------------------------------------------------------- command line
