@@ -346,6 +346,34 @@ def test_unreadable_image_mid_training_is_named_or_skipped(small_args, tiny_data
     assert load(tmp_path / "out" / "checkpoint.pth")["epoch"] == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
+def test_stop_signal_to_the_whole_job_with_data_workers_saves_and_leaves_nothing(
+        small_args, tiny_data, tmp_path):
+    # SLURM signals every process of a job, data workers included: they must neither die
+    # first (the run would fail before saving) nor outlive the run.
+    argv = small_args(tiny_data, "--num_workers", "2")
+    argv[argv.index("--epochs") + 1] = "3"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _read_until(proc, r"Epoch \[1/3\] it \[2/6\]")
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, stderr
+    assert "preempted" in stdout and "Traceback" not in stderr, stderr
+    assert load(tmp_path / "out" / "checkpoint.pth")["global_step"] >= 2
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # anyone left in the job's process group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("data workers outlived the training process")
+
+
 def _worker_after_stop_signal(grace_s: int, pipe) -> None:
     main_massl.WORKER_STOP_GRACE_S = grace_s
     main_massl._defer_stop_signals(0)
