@@ -39,7 +39,8 @@ from torchvision.transforms import v2
 import utils
 from massl_loss import KoLeoLoss, MaSSLLoss
 from memory import MemoryBank
-from vision_transformer import VIT_ARCHS, MaSSLHead, MultiCropWrapper, UnknownArchError, build_backbone
+from vision_transformer import (VIT_ARCHS, MaSSLHead, MultiCropWrapper, UnknownArchError,
+                                build_backbone, check_arch)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -227,6 +228,10 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         if not ok:
             raise utils.UserError(message)
 
+    try:
+        check_arch(args.arch)
+    except UnknownArchError as e:
+        raise utils.UserError(str(e)) from None
     need(args.batch_size_per_gpu >= 1, "--batch_size_per_gpu must be at least 1")
     need(args.gradient_accumulation >= 1, "--gradient_accumulation must be at least 1")
     need(args.epochs >= 1, "--epochs must be at least 1")
@@ -815,10 +820,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
 
     # ---- networks and memory: identical on every rank (same seed), then per-rank randomness
     utils.fix_random_seeds(args.seed)
-    try:
-        student, teacher, embed_dim = build_networks(args)
-    except UnknownArchError as e:
-        raise utils.UserError(str(e)) from None
+    student, teacher, embed_dim = build_networks(args)  # --arch was checked by check_args
     memory = MemoryBank(args.out_dim, args.bottleneck_dim)
     student, teacher, memory = student.to(device), teacher.to(device), memory.to(device)
     check_backbone_accepts_crops(teacher.backbone, args.arch,

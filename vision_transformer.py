@@ -126,15 +126,20 @@ def build_backbone(arch: str, patch_size: int = 16, img_size: int = 224,
         model = _vit_factory(arch)(patch_size=patch_size, img_size=img_size,
                                    drop_path_rate=drop_path_rate)
         return model, model.embed_dim
-    if timm.is_model(arch):
-        kwargs = {"num_classes": 0, "pretrained": False}
-        if drop_path_rate:
-            kwargs["drop_path_rate"] = drop_path_rate
-        model = timm.create_model(arch, **kwargs)
-        return model, model.num_features
-    raise UnknownArchError(
-        f"unknown --arch '{arch}': use one of {', '.join(VIT_ARCHS)} or a timm model name "
-        "(python -c 'import timm; print(timm.list_models())' lists them)")
+    check_arch(arch)
+    kwargs = {"num_classes": 0, "pretrained": False}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    model = timm.create_model(arch, **kwargs)
+    return model, model.num_features
+
+
+def check_arch(arch: str) -> None:
+    """Raise ``UnknownArchError`` unless ``build_backbone`` can build ``arch``."""
+    if arch not in VIT_ARCHS and not timm.is_model(arch):
+        raise UnknownArchError(
+            f"unknown --arch '{arch}': use one of {', '.join(VIT_ARCHS)} or a timm model name "
+            "(python -c 'import timm; print(timm.list_models())' lists them)")
 
 
 class MaSSLHead(nn.Module):

@@ -319,11 +319,12 @@ def test_bad_input_gives_one_line_errors(small_args, tiny_data, tmp_path, capsys
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
 
 
-def test_error_exit_has_no_traceback(small_args, tiny_data):
+def test_error_exit_has_no_traceback(small_args, tiny_data, tmp_path):
     result = run_script(small_args(tiny_data, "--arch", "not_a_model"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         result.stderr.strip().splitlines()[0]] and result.stderr.startswith("error: unknown --arch")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_unreadable_image_mid_training_is_named_or_skipped(small_args, tiny_data, tmp_path, capsys):
