@@ -42,9 +42,9 @@ from torchvision import transforms
 
 import utils
 import vision_transformer as vits
-from eval_knn import (IMAGENET_MEAN, IMAGENET_STD, add_backbone_and_data_args, bool_flag,
-                      build_eval_backbone, build_train_val, check_device, describe_backbone,
-                      eval_transform, extract_features, shard_range, usable_workers, write_json)
+from evaluation import (add_backbone_and_data_args, build_eval_backbone, build_train_val,
+                        describe_backbone, eval_transform, extract_features, shard_range,
+                        usable_workers)
 
 LAST_HEAD = "linear_last.pth"
 BEST_HEAD = "linear_best.pth"
@@ -63,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--n_last_blocks", default=4, type=int, help="""Concatenate the CLS
         tokens of this many last blocks (4 for ViT-S/16, 1 for ViT-B/16 in DINO and the
         paper). Non-ViT timm backbones use their pooled feature instead.""")
-    group.add_argument("--avgpool_patchtokens", default=False, type=bool_flag, help="""Also
+    group.add_argument("--avgpool_patchtokens", default=False, type=utils.bool_flag, help="""Also
         concatenate the mean patch token of the last block (true for ViT-B/16 in the paper,
         false for ViT-S/16).""")
     group.add_argument("--epochs", default=100, type=int, help="Training epochs (100 in the paper).")
@@ -72,7 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         epochs (DINO's default 0.001; DINO sweeps it for its best numbers).""")
     group.add_argument("--val_freq", default=1, type=int, help="""Validate every this many
         epochs (and always after the last).""")
-    group.add_argument("--cache_features", default=False, type=bool_flag, help="""Fast path for
+    group.add_argument("--cache_features", default=False, type=utils.bool_flag, help="""Fast path for
         small data: extract frozen features of un-augmented train images once and train the
         head on them. Not the paper protocol (no augmentation): numbers are not comparable.""")
     group.add_argument("--evaluate", action="store_true", help="""Only report the val accuracy
@@ -136,7 +136,7 @@ def train_transform(crop_size: int) -> transforms.Compose:
         transforms.RandomResizedCrop(crop_size),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
     ])
 
 
@@ -222,7 +222,7 @@ def settings_mismatch(saved: dict, current: dict) -> list[str]:
 
 def main(args: argparse.Namespace) -> dict | None:
     """Train (or only evaluate) the linear head; returns the results dict on the main process."""
-    check_device(args.device)
+    utils.check_device(args.device)
     args.num_workers = usable_workers(args.num_workers)
     if args.epochs < 1 or args.val_freq < 1:
         raise utils.UserError("--epochs and --val_freq must be >= 1")
@@ -379,7 +379,7 @@ def _finish(results: dict, output_dir: Path, is_main: bool) -> dict | None:
         top_n = results["top5_is_top"]
         print(f"\nlinear probe: top-1 {results['top1']:.2f}  top-{top_n} {results['top5']:.2f}"
               + (f"  (best top-1 {results['best_top1']:.2f})" if "best_top1" in results else ""))
-        write_json(results, output_dir / "linear_results.json")
+        utils.write_json(results, output_dir / "linear_results.json")
         print(f"results written to {output_dir / 'linear_results.json'}", flush=True)
     utils.barrier()
     utils.cleanup_distributed()

@@ -1,7 +1,8 @@
-"""Helpers shared by the training, evaluation and export scripts.
+"""Helpers shared by the training, evaluation and export scripts (one home for each).
 
-Distributed set-up that works with no launcher, ``torchrun`` or SLURM; schedules;
-atomic checkpoint writes; image loading that names the bad file; clean CLI errors.
+Clean CLI errors and flags; distributed set-up that works with no launcher, ``torchrun`` or
+SLURM, and the small rank helpers; schedules; atomic file writes; image loading that names
+the bad file; the strict loader of backbone weights from any checkpoint we accept.
 """
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import os
 import random
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+
+# The normalisation of every transform here (training crops, evaluation, attention maps).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # --------------------------------------------------------------------------- CLI errors
 
@@ -31,6 +37,30 @@ class UserError(Exception):
 def exit_with_error(message: str, code: int = 2) -> NoReturn:
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def bool_flag(value: str) -> bool:
+    """argparse type for ``--flag true/false`` (DINO's ``bool_flag``)."""
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse an unknown ``--device`` or CUDA where there is none, before anything starts."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise UserError(f"--device {device}: {user_error_message(e)}") from e
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}, but CUDA is not available here (use --device cpu)")
 
 
 # --------------------------------------------------------------------------- distributed
@@ -69,8 +99,8 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     ``device`` defaults to CUDA when available (one GPU per local rank), else CPU; the
     backend to NCCL on CUDA and gloo on CPU.
     """
-    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
-    rank = _env_int("RANK", "SLURM_PROCID") or 0
+    world_size = world_size_from_env()
+    rank = rank_from_env()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,6 +116,16 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def world_size_from_env() -> int:
+    """The world size a launcher announced (what ``init_distributed`` will use)."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+
+
+def rank_from_env() -> int:
+    """This process's rank as a launcher announced it (0 without a launcher)."""
+    return _env_int("RANK", "SLURM_PROCID") or 0
 
 
 def is_dist() -> bool:
@@ -123,6 +163,24 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return t.item() / get_world_size()
 
 
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """Max of each value over ranks, so every rank takes the same decision."""
+    if not is_dist():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a one-item list without a process group)."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # --------------------------------------------------------------------------- randomness
 
 
@@ -157,29 +215,57 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
-    A job killed mid-write leaves the previous checkpoint intact.
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
+
+    A job killed mid-write leaves the previous file intact (and at worst a hidden
+    ``.NAME.*.tmp`` beside it). The file gets the permissions of a plain ``open``
+    (0666 minus the umask), not ``mkstemp``'s 0600, so teammates can read shared folders.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see ``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write JSON atomically, so a reader never sees half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(name: str) -> bool:
+    """The one rule for what counts as an image, in training and in evaluation: an image
+    extension, and not a dot-file (e.g. macOS "._x.jpg" resource forks are never images)."""
+    name = os.path.basename(name)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 class BadImageError(UserError):
@@ -206,7 +292,8 @@ TRAINING_ONLY_BACKBONE_KEYS = ("masked_embed",)
 _MAX_KEYS_IN_ERROR = 8
 
 
-def _strip_prefix(key: str, prefix: str) -> str:
+def strip_prefix(key: str, prefix: str) -> str:
+    """``key`` without ``prefix`` when it starts with it (e.g. DDP's ``module.``)."""
     return key[len(prefix):] if key.startswith(prefix) else key
 
 
@@ -324,7 +411,7 @@ def read_checkpoint_backbone(path: str | os.PathLike, checkpoint_key: str = "tea
     for key, value in state.items():
         if not torch.is_tensor(value):
             continue
-        key = _strip_prefix(_strip_prefix(key, "module."), "backbone.")
+        key = strip_prefix(strip_prefix(key, "module."), "backbone.")
         if key.startswith("head.") or key in TRAINING_ONLY_BACKBONE_KEYS:
             continue
         backbone[key] = value
@@ -455,3 +542,54 @@ def build_backbone_from_checkpoint(path: str | os.PathLike, arch: str | None = N
             "patch_size": patch_size, "img_size": img_size, "feature_dim": feature_dim,
             "args": args, "notes": notes}
     return model, feature_dim, info
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricMeter:
+    """Running sums of named per-step scalars, for a log window and for the epoch.
+
+    ``update(loss=..., lr=...)`` once per step; ``window_means()`` averages the steps since
+    the last ``reset_window()`` (this rank); ``epoch_means(device)`` averages the epoch over
+    all steps and all ranks (collective). ``state_dict`` holds the epoch sums, so a run
+    resumed mid-epoch reports the same epoch means as one that was never stopped.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self._window: dict[str, float] = {}
+        self._window_count = 0
+
+    def update(self, **values: float) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self._window[key] = self._window.get(key, 0.0) + float(value)
+        self.count += 1
+        self._window_count += 1
+
+    @property
+    def window_count(self) -> int:
+        return self._window_count
+
+    def window_means(self) -> dict[str, float]:
+        return {k: v / max(self._window_count, 1) for k, v in self._window.items()}
+
+    def reset_window(self) -> None:
+        self._window, self._window_count = {}, 0
+
+    def epoch_means(self, device: torch.device) -> dict[str, float]:
+        keys = sorted(self.sums)
+        totals = torch.tensor([self.sums[k] for k in keys] + [self.count], dtype=torch.float64,
+                              device=device)
+        if is_dist():
+            dist.all_reduce(totals)
+        values = totals.tolist()
+        return {k: v / max(values[-1], 1) for k, v in zip(keys, values[:-1])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.count = dict(state["sums"]), int(state["count"])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from main_massl import IMAGENET_MEAN, IMAGENET_STD  # the normalisation the model trained with
+import utils
 from utils import (UserError, build_backbone_from_checkpoint, exit_with_error, load_rgb_image,
                    user_error_message)
 from vision_transformer import UnknownArchError, build_backbone
@@ -61,7 +61,7 @@ def preprocess(image: Image.Image, image_size: list[int], patch_size: int) -> to
     transform = transforms.Compose([
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
     ])
     img = transform(image)
     h, w = img.shape[1] - img.shape[1] % patch_size, img.shape[2] - img.shape[2] % patch_size
@@ -101,8 +101,8 @@ def render(img: torch.Tensor, attentions: torch.Tensor, masks: torch.Tensor, pat
            output_dir: Path, alpha: float = 0.6) -> list[Path]:
     """Write img.png, attn-head{i}.png, mask-head{i}.png and attn-all.png; returns the paths."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(utils.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(utils.IMAGENET_STD).view(3, 1, 1)
     rgb = ((img[0].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255)
     written = [output_dir / "img.png"]
     Image.fromarray(rgb.round().astype(np.uint8)).save(written[0])

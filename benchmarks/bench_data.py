@@ -1,7 +1,7 @@
 """Benchmark: multi-crop data loading, images/s per DataLoader worker.
 
-Runs the training script's own pipeline -- ``main_massl.build_pretrain_dataset`` with
-``main_massl.DataAugmentationMaSSL`` (PIL decoding, torchvision transforms v2 on PIL images,
+Runs the training script's own pipeline -- ``data.build_pretrain_dataset`` with
+``data.DataAugmentationMaSSL`` (PIL decoding, torchvision transforms v2 on PIL images,
 2 global + 10 local crops) -- through a ``DataLoader`` with 0, 1, 2, ... workers, and prints
 images/s and images/s per worker, so you can size ``--num_workers``: a GPU that trains at
 S images/s needs about S / (images/s per worker) workers, and as many CPU cores.
@@ -38,7 +38,7 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402  (also puts the repo root on sys.path)
-import main_massl  # noqa: E402
+import data  # noqa: E402
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
                   "immunohistochemistry", "colorwheel")
@@ -238,15 +238,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.rounds} round(s); 0 workers = loading in the main process on 1 thread")
         datasets = {}
         for variant in variants:
-            augmentation = main_massl.DataAugmentationMaSSL(
+            augmentation = data.DataAugmentationMaSSL(
                 (0.32, 1.0), (0.05, 0.32), args.local_crops_number, args.global_size,
                 args.local_size)
             if variant == "script":
-                print(f"script: main_massl.DataAugmentationMaSSL blurs with "
+                print(f"script: data.DataAugmentationMaSSL blurs with "
                       f"{blur_kind(augmentation)}")
             else:
                 set_blur(augmentation, variant.split("_")[0], args.global_size, args.local_size)
-            datasets[variant] = main_massl.build_pretrain_dataset(data_path, augmentation)
+            datasets[variant] = data.build_pretrain_dataset(data_path, augmentation)
         rates: dict[tuple[str, int], list[float]] = {}
         for _ in range(args.rounds):
             for workers in worker_counts:

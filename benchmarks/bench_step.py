@@ -1,12 +1,10 @@
 """Benchmark: one full MaSSL training step -- images/s, peak memory and MFU.
 
-The step is the training script's: networks from ``main_massl.build_networks``, the
-optimizer's parameter groups, gradient clipping and teacher EMA from ``main_massl``, and
-the body of its training loop written out below (student on 2 global + L local crops,
-teacher on the 2 global crops, the MaSSL loss on the memory before its update, the memory
-update, backward with a gradient scaler for fp16, clipping, AdamW, EMA). Hyperparameters
-are ``main_massl``'s defaults. Input crops are random tensors already on the device: the
-data pipeline is measured by ``bench_data.py``.
+The step is the training script's own: ``trainer.MaSSLTrainer.train_step`` (student on 2
+global + L local crops, teacher on the 2 global crops, the MaSSL loss on the memory before its
+update, the memory update, backward with a gradient scaler for fp16, clipping, AdamW, EMA),
+built from ``main_massl``'s flags and defaults. Input crops are random tensors already on the
+device: the data pipeline is measured by ``bench_data.py``.
 
 FLOPs of one step are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls
 and attention of the student forward + backward, the teacher forward and the loss; the
@@ -14,14 +12,14 @@ optimizer and elementwise work are not counted, as usual for MFU). The peak is a
 matmul in the step's compute dtype, measured in the same process before and after the timed
 steps (the better of the two); MFU is achieved FLOP/s over that peak.
 
-``--compare KNOB`` times the variants of one setting (precision, sdpa, compile, fused_adamw,
-read_loss) on the same model, alternating them step by step, so that on a shared machine a
+``--compare KNOB`` times the variants of one setting (precision, sdpa, compile, fused_adamw)
+from the same initial weights, alternating them step by step, so that on a shared machine a
 burst of load slows every variant alike.
 
     python benchmarks/bench_step.py                   # GPU: the ViT-S/16 reference step
     python benchmarks/bench_step.py --arch vit_base --batch_size 32   # the ViT-B/16 reference step
     python benchmarks/bench_step.py --compare precision   # fp32 vs fp16 vs bf16 (also: sdpa,
-                                                          # compile, fused_adamw, read_loss)
+                                                          # compile, fused_adamw)
 """
 from __future__ import annotations
 
@@ -29,7 +27,6 @@ import argparse
 import itertools
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,9 +37,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402  (also puts the repo root on sys.path)
 import main_massl  # noqa: E402
+import utils  # noqa: E402
 from massl_loss import MaSSLLoss  # noqa: E402
 from memory import MemoryBank  # noqa: E402
-from vision_transformer import MultiCropWrapper  # noqa: E402
+from trainer import MaSSLTrainer, get_params_groups  # noqa: E402
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # name -> (GPU default, CPU default). The GPU defaults are the ViT-S/16 reference step.
@@ -66,48 +64,6 @@ QUICK = dict(arch="vit_nano", patch_size=4, batch_size=4, global_size=16, local_
 
 
 # --------------------------------------------------------------------------- the step
-
-
-def train_step(*, student: nn.Module, teacher: nn.Module, memory: MemoryBank,
-               criterion: MaSSLLoss, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None,
-               student_params: list[nn.Parameter], ema_student: list[torch.Tensor],
-               ema_teacher: list[torch.Tensor], clip_grad: float, lr: float, wd: float,
-               momentum: float, teacher_temp: float, crops: list[torch.Tensor],
-               perm_generator: torch.Generator, read_loss: bool = True) -> torch.Tensor:
-    """One optimizer step, as ``main_massl.train_one_epoch`` does it (no gradient
-    accumulation, one process). ``read_loss`` keeps the script's per-step ``loss.item()``
-    (its finiteness check), a host-device synchronisation on GPU."""
-    device = crops[0].device
-    for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = lr
-        if i == 0:  # only the first group is decayed
-            group["weight_decay"] = wd
-    B = crops[0].shape[0]
-    perm = torch.randperm(memory.size, generator=perm_generator, device=device)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        student_out = student(crops)
-        with torch.no_grad():
-            teacher_out = teacher(crops[:2])
-        loss = criterion(student_out, teacher_out, memory.features, teacher_temp, perm=perm)
-    if read_loss:
-        loss.item()
-    memory.update(teacher_out[B:2 * B])  # teacher embeddings of global crop 2
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if clip_grad:
-            scaler.unscale_(optimizer)
-            main_massl.clip_gradients(student_params, clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if clip_grad:
-            main_massl.clip_gradients(student_params, clip_grad)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    main_massl.ema_update(ema_teacher, ema_student, momentum)
-    return loss.detach()
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> int:
@@ -179,11 +135,10 @@ COMPARE = {  # knob -> values compared, first is the baseline
     "sdpa": [False, True],
     "compile": [False, True],
     "fused_adamw": [False, True],
-    "read_loss": [True, False],
 }
 
 
-def training_args(opts: argparse.Namespace) -> argparse.Namespace:
+def training_args(opts: argparse.Namespace, precision: str, compile: bool) -> argparse.Namespace:
     """The training script's arguments (all its defaults) for this benchmark's shapes."""
     return main_massl.get_args_parser().parse_args([
         "--data_path", "unused-by-the-benchmark",
@@ -192,83 +147,45 @@ def training_args(opts: argparse.Namespace) -> argparse.Namespace:
         "--local_crops_number", str(opts.local_crops_number),
         "--batch_size_per_gpu", str(opts.batch_size),
         "--out_dim", str(opts.memory_size), "--partition_size", str(opts.block_size),
+        "--use_fp16", str(precision == "fp16"), "--use_bf16", str(precision == "bf16"),
+        "--compile", str(compile),
     ])
 
 
-@dataclass
-class Setup:
-    args: argparse.Namespace
-    device: torch.device
-    student: nn.Module
-    teacher: nn.Module
-    memory: MemoryBank
-    criterion: MaSSLLoss
-    crops: list[torch.Tensor]
-    flops: dict[str, int]
-    perm_generator: torch.Generator
-
-
-def build_setup(opts: argparse.Namespace, device: torch.device) -> Setup:
-    """Networks, memory, loss and random crops as the training script builds them."""
-    args = training_args(opts)
+def build_trainer(opts: argparse.Namespace, device: torch.device, variant: dict
+                  ) -> MaSSLTrainer:
+    """The training script's trainer for one variant; every variant starts from the same
+    weights and memory (the trainer seeds them from --seed)."""
+    args = training_args(opts, variant["precision"], variant["compile"])
     main_massl.check_args(args, world_size=1)
-    if device.type == "cuda":  # as the training script sets them
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
+    env = utils.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
     try:
-        student, teacher, _ = main_massl.build_networks(args)
-    except main_massl.UnknownArchError as e:
+        trainer = MaSSLTrainer(args, env, steps_per_epoch=opts.warmup + opts.steps,
+                               log=lambda message: None)
+    except utils.UserError as e:
         raise bu.UserError(str(e)) from None
-    memory = MemoryBank(args.out_dim, args.bottleneck_dim)
-    student, teacher, memory = student.to(device), teacher.to(device), memory.to(device)
-    criterion = MaSSLLoss(args.partition_size, student_temp=args.student_temp, n_global_crops=2)
-    B = args.batch_size_per_gpu
-    crops = ([torch.randn(B, 3, args.global_crops_size, args.global_crops_size, device=device)
-              for _ in range(2)]
-             + [torch.randn(B, 3, args.local_crops_size, args.local_crops_size, device=device)
-                for _ in range(args.local_crops_number)])
-    flops = count_step_flops(student, teacher, memory, criterion, crops, DTYPES[opts.precision])
-    return Setup(args, device, student, teacher, memory, criterion, crops, flops,
-                 torch.Generator(device=device).manual_seed(0))
+    if variant["fused_adamw"] != (device.type == "cuda"):  # the trainer fuses on CUDA
+        trainer.optimizer = torch.optim.AdamW(get_params_groups(trainer.student), lr=0.0,
+                                              weight_decay=0.0, fused=variant["fused_adamw"])
+    return trainer
 
 
-def make_step(setup: Setup, *, precision: str, sdpa: bool, compile: bool, fused_adamw: bool,
-              read_loss: bool, shared: dict) -> Callable[[], torch.Tensor]:
-    """A closure running one training step in this variant. Variants share the weights;
-    ``shared`` caches what they can share (optimizers, compiled backbones, the scaler)."""
-    args, device = setup.args, setup.device
-    student, teacher = setup.student, setup.teacher
-    if compile:
-        if "compiled" not in shared:  # wrappers that share the parameters of the originals
-            shared["compiled"] = (
-                MultiCropWrapper(torch.compile(student.backbone), student.head),
-                MultiCropWrapper(torch.compile(teacher.backbone), teacher.head))
-        student, teacher = shared["compiled"]
-    key = ("optimizer", fused_adamw)
-    if key not in shared:
-        shared[key] = torch.optim.AdamW(main_massl.get_params_groups(setup.student), lr=0.0,
-                                        weight_decay=0.0, fused=fused_adamw)
-    optimizer = shared[key]
-    amp_dtype = DTYPES[precision]
-    scaler = None
-    if amp_dtype == torch.float16:
-        scaler = shared.setdefault("scaler", torch.amp.GradScaler(device.type))
-    student_params = [p for p in setup.student.parameters() if p.requires_grad]
-    ema_student, ema_teacher = list(setup.student.parameters()), list(setup.teacher.parameters())
-    B = args.batch_size_per_gpu
+def random_crops(opts: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
+    B = opts.batch_size
+    return ([torch.randn(B, 3, opts.global_size, opts.global_size, device=device)
+             for _ in range(2)]
+            + [torch.randn(B, 3, opts.local_size, opts.local_size, device=device)
+               for _ in range(opts.local_crops_number)])
 
-    def step() -> torch.Tensor:
-        set_fused_attention(setup.student, sdpa)
-        set_fused_attention(setup.teacher, sdpa)
-        return train_step(
-            student=student, teacher=teacher, memory=setup.memory, criterion=setup.criterion,
-            optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype,
-            student_params=student_params, ema_student=ema_student, ema_teacher=ema_teacher,
-            clip_grad=args.clip_grad, lr=args.lr * B / 256, wd=args.weight_decay,
-            momentum=args.momentum_teacher, teacher_temp=args.warmup_teacher_temp,
-            crops=setup.crops, perm_generator=setup.perm_generator, read_loss=read_loss)
+
+def make_step(trainer: MaSSLTrainer, crops: list[torch.Tensor], sdpa: bool,
+              losses: list[float]) -> Callable[[], None]:
+    """A closure running one ``train_step`` of this variant on ``crops``."""
+    def step() -> None:
+        set_fused_attention(trainer.student, sdpa)
+        set_fused_attention(trainer.teacher, sdpa)
+        trainer.global_step = 0  # the schedules' first values, whatever the number of steps
+        losses.append(trainer.train_step([crops])["loss"])
 
     return step
 
@@ -276,7 +193,7 @@ def make_step(setup: Setup, *, precision: str, sdpa: bool, compile: bool, fused_
 def variant_name(v: dict) -> str:
     return (f"{v['precision']}, SDPA {'on' if v['sdpa'] else 'off'}, compile "
             f"{'on' if v['compile'] else 'off'}, {'fused' if v['fused_adamw'] else 'foreach'} "
-            f"AdamW{'' if v['read_loss'] else ', no loss.item()'}")
+            "AdamW")
 
 
 # --------------------------------------------------------------------------- measurement
@@ -287,45 +204,41 @@ def run(opts: argparse.Namespace) -> dict:
     device = bu.resolve_device(opts.device)
     rss_base = bu.peak_rss_bytes() if device.type == "cpu" else 0
     base = {"precision": opts.precision, "sdpa": opts.sdpa, "compile": opts.compile,
-            "fused_adamw": device.type == "cuda" if opts.fused_adamw is None else opts.fused_adamw,
-            "read_loss": opts.read_loss}
+            "fused_adamw": device.type == "cuda" if opts.fused_adamw is None else opts.fused_adamw}
     variants = [base] if not opts.compare else [
         {**base, opts.compare: value} for value in COMPARE[opts.compare]
         if not (opts.compare == "precision" and value == "fp16" and device.type != "cuda")]
-    setup = build_setup(opts, device)
-    in_place = opts.compile and not opts.compare
-    if in_place:  # as the training script does it (state-dict keys unchanged)
-        setup.student.backbone.compile()
-        setup.teacher.backbone.compile()
-    teacher_before = next(setup.teacher.parameters()).detach().clone()
-    shared: dict = {}
-    steps = {variant_name(v): make_step(setup, **{**v, "compile": v["compile"] and not in_place},
-                                        shared=shared)
-             for v in variants}
+    crops = random_crops(opts, device)
+    trainers = {variant_name(v): build_trainer(opts, device, v) for v in variants}
+    first = next(iter(trainers.values()))
+    flops = count_step_flops(first.student, first.teacher, first.memory, first.criterion, crops,
+                             first.amp_dtype)
+    teacher_before = next(first.teacher.parameters()).detach().clone()
     losses: list[float] = []
     peaks: dict[str, int] = {}
 
-    def timed(name: str, fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def timed(name: str, fn: Callable[[], None]) -> Callable[[], None]:
         def call() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            losses.append(fn().item())
+            fn()
             if device.type == "cuda":
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
         return call
 
+    steps = {name: timed(name, make_step(t, crops, v["sdpa"], losses))
+             for v, (name, t) in zip(variants, trainers.items())}
     dtypes = sorted({v["precision"] for v in variants})
     peak_flops = {d: measure_peak_flops(device, DTYPES[d], opts.peak_size) for d in dtypes}
     if device.type == "cpu":
         bu.reset_peak_rss()
-    times = bu.interleaved_times({name: timed(name, fn) for name, fn in steps.items()}, device,
-                                 repeats=opts.steps, warmup=opts.warmup)
+    times = bu.interleaved_times(steps, device, repeats=opts.steps, warmup=opts.warmup)
     if device.type == "cpu":
         rss_peak = bu.peak_rss_bytes() - rss_base
     for d in dtypes:  # again after: on a shared machine keep the better (less disturbed) one
         again = measure_peak_flops(device, DTYPES[d], opts.peak_size)
         peak_flops[d] = max(peak_flops[d], again, key=lambda x: x[0])
-    total_flops = sum(setup.flops.values())
+    total_flops = sum(flops.values())
     rows = []
     for v, (name, t) in zip(variants, times.items()):
         step_s = statistics.median(t)
@@ -338,21 +251,21 @@ def run(opts: argparse.Namespace) -> dict:
             memory, memory_what = None, "not measured per variant on CPU in --compare"
         label = f"{opts.compare}={v[opts.compare]}" if opts.compare else name
         rows.append({"variant": name, "label": label, "step_s": step_s, "step_times": t,
-                     "images_per_s": setup.args.batch_size_per_gpu / step_s,
+                     "images_per_s": opts.batch_size / step_s,
                      "speedup": bu.paired_ratio(times[variant_name(variants[0])], t),
                      "mfu": total_flops / step_s / flops_peak, "peak_flops": flops_peak,
                      "peak_what": peak_what, "peak_memory": memory, "memory_what": memory_what})
-    a = setup.args
+    a = first.args
     return {
         "device": bu.describe_device(device),
         "shapes": (f"{a.arch}/{a.patch_size}, batch {a.batch_size_per_gpu}, crops "
                    f"2x{a.global_crops_size} + {a.local_crops_number}x{a.local_crops_size}, "
                    f"memory {a.out_dim}/{a.partition_size}"),
-        "flops": setup.flops, "total_flops": total_flops, "rows": rows,
+        "flops": flops, "total_flops": total_flops, "rows": rows,
         "steps": opts.steps, "compare": opts.compare,
         "loss_first": losses[0], "loss_last": losses[-1],
-        "teacher_moved": bool((next(setup.teacher.parameters()) != teacher_before).any()),
-        "memory_ptr": int(setup.memory.ptr),
+        "teacher_moved": bool((next(first.teacher.parameters()) != teacher_before).any()),
+        "memory_ptr": int(first.memory.ptr),
     }
 
 
@@ -427,12 +340,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch.compile the backbones, as main_massl.py --compile does")
     p.add_argument("--fused_adamw", type=bu.str2bool, default=None,
                    help="AdamW(fused=...); default as the training script: fused on CUDA")
-    p.add_argument("--read_loss", type=bu.str2bool, default=True,
-                   help="keep the training script's per-step loss.item() (a GPU sync)")
     p.add_argument("--compare", choices=list(COMPARE), default=None,
                    help="time every value of one setting, alternating step by step on the same "
                         "model: precision (fp32/fp16/bf16; fp16 on GPU only), sdpa, compile, "
-                        "fused_adamw, read_loss")
+                        "fused_adamw")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps (per variant); the median is reported (default 20 on GPU, "
                         "10 on CPU)")

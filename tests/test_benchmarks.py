@@ -81,7 +81,7 @@ def test_bench_data_quick_on_real_images(repo_root, fmnist_folder):
             if re.match(r"\| (script|pil_blur|torchvision_blur) \| \d", x)]
     assert len(rows) == 6, out
     assert all(float(r.split("|")[3]) > 0 for r in rows)
-    assert re.search(r"script: main_massl.DataAugmentationMaSSL blurs with (pil|torchvision)$",
+    assert re.search(r"script: data.DataAugmentationMaSSL blurs with (pil|torchvision)$",
                      line(out, "script:"))
     assert re.search(r"ratio: pil_blur/torchvision_blur images/s: 0 workers [0-9.]+x, "
                      r"1 workers [0-9.]+x", line(out, "ratio:"))
@@ -91,7 +91,7 @@ def test_blur_swaps_keep_probabilities_sigma_and_seeding(repo_root, fmnist_folde
     monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
     from torchvision.transforms import v2
 
-    import main_massl
+    import data
     import utils
     from bench_data import PILGaussianBlur, blur_kind, set_blur
 
@@ -102,7 +102,7 @@ def test_blur_swaps_keep_probabilities_sigma_and_seeding(repo_root, fmnist_folde
                 if isinstance(t, v2.RandomApply)
                 and type(t.transforms[0]).__name__.endswith("GaussianBlur")]
 
-    aug = main_massl.DataAugmentationMaSSL((0.32, 1.0), (0.05, 0.32), 2, 32, 16)
+    aug = data.DataAugmentationMaSSL((0.32, 1.0), (0.05, 0.32), 2, 32, 16)
     assert [p for p, _ in blurs(aug)] == [1.0, 0.1, 0.5]  # spec step 1
     assert set_blur(aug, "torchvision", 32, 16) == 3 and blur_kind(aug) == "torchvision"
     assert [(p, b.kernel_size, tuple(b.sigma)) for p, b in blurs(aug)] == [

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval_knn
+import evaluation
 import eval_linear
 import utils
 import vision_transformer as vits
@@ -142,14 +143,14 @@ def test_knn_weights_votes_by_exp_similarity_over_T():
     query = torch.tensor([[1.0, 0, 0], [-1.0, 0.1, 0]])
     query = F.normalize(query, dim=1)
     labels = torch.tensor([0, 2])
-    top1, top5 = eval_knn.knn_classifier(train, train_labels, query, labels, k=3, T=0.07, num_classes=3)
+    top1, top5 = evaluation.knn_classifier(train, train_labels, query, labels, k=3, T=0.07, num_classes=3)
     assert top1 == 100.0 and top5 == 100.0
-    top1, top5 = eval_knn.knn_classifier(train, train_labels, query, labels, k=3, T=10.0, num_classes=3)
+    top1, top5 = evaluation.knn_classifier(train, train_labels, query, labels, k=3, T=10.0, num_classes=3)
     # Both queries now go to class 1 (two nearly equal votes beat one), but each true
     # class got a vote, so it is within the top-3 of the 3 classes.
     assert top1 == 0.0 and top5 == 100.0
     # k=1: plain nearest neighbour.
-    top1, top5 = eval_knn.knn_classifier(train, train_labels, query, labels, k=1, T=0.07, num_classes=3)
+    top1, top5 = evaluation.knn_classifier(train, train_labels, query, labels, k=1, T=0.07, num_classes=3)
     assert (top1, top5) == (100.0, 100.0)
 
 
@@ -162,7 +163,7 @@ def test_knn_top5_with_k_below_5_counts_only_classes_that_got_votes():
     # even though class 0 would sort first among the zero-vote classes.
     queries = F.normalize(torch.tensor([[0, 0, 0.8, 1.0, 0, 0, 0], [0.01, 0, 0, 0, 1.0, 0.7, 0]]), dim=1)
     labels = torch.tensor([2, 0])
-    knn = functools.partial(eval_knn.knn_classifier, train, train_labels, queries, labels,
+    knn = functools.partial(evaluation.knn_classifier, train, train_labels, queries, labels,
                             T=0.07, num_classes=7)
     top1, top5 = knn(k=2)
     assert (top1, top5) == (0.0, 50.0)
@@ -179,9 +180,9 @@ def test_knn_chunking_and_device_independent_result():
     train_labels = torch.randint(0, 6, (200,), generator=gen)
     test = F.normalize(train[:37] + 0.3 * torch.randn(37, 16, generator=gen), dim=1)
     test_labels = train_labels[:37]
-    whole = eval_knn.knn_classifier(train, train_labels, test, test_labels, 10, 0.07, 6)
+    whole = evaluation.knn_classifier(train, train_labels, test, test_labels, 10, 0.07, 6)
     for chunk in (1, 5, 36, 100):
-        assert eval_knn.knn_classifier(train, train_labels, test, test_labels, 10, 0.07, 6,
+        assert evaluation.knn_classifier(train, train_labels, test, test_labels, 10, 0.07, 6,
                                        chunk_size=chunk) == whole
     assert whole[0] > 60  # the queries are noisy copies of train features
 
@@ -189,21 +190,21 @@ def test_knn_chunking_and_device_independent_result():
 def test_knn_rejects_k_outside_train_set():
     train = torch.eye(3)
     with pytest.raises(ValueError, match="k=4"):
-        eval_knn.knn_classifier(train, torch.arange(3), train, torch.arange(3), 4, 0.07, 3)
+        evaluation.knn_classifier(train, torch.arange(3), train, torch.arange(3), 4, 0.07, 3)
 
 
 def test_effective_ks_clips_warns_and_deduplicates(capsys):
-    assert eval_knn.effective_ks([10, 20, 100, 200], 150) == [10, 20, 100, 150]
+    assert evaluation.effective_ks([10, 20, 100, 200], 150) == [10, 20, 100, 150]
     assert "k=200" in capsys.readouterr().err
-    assert eval_knn.effective_ks([5, 300, 200], 100) == [5, 100]
+    assert evaluation.effective_ks([5, 300, 200], 100) == [5, 100]
     with pytest.raises(utils.UserError):
-        eval_knn.effective_ks([0], 10)
+        evaluation.effective_ks([0], 10)
 
 
 @pytest.mark.parametrize("num_items", [0, 1, 3, 10, 11])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_shard_range_covers_every_item_once_in_order(num_items, world_size):
-    shards = [eval_knn.shard_range(num_items, r, world_size) for r in range(world_size)]
+    shards = [evaluation.shard_range(num_items, r, world_size) for r in range(world_size)]
     assert [i for shard in shards for i in shard] == list(range(num_items))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 

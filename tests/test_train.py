@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import main_massl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -376,8 +377,8 @@ def test_stop_signal_to_the_whole_job_with_data_workers_saves_and_leaves_nothing
 
 
 def _worker_after_stop_signal(grace_s: int, pipe) -> None:
-    main_massl.WORKER_STOP_GRACE_S = grace_s
-    main_massl._defer_stop_signals(0)
+    data.WORKER_STOP_GRACE_S = grace_s
+    data._defer_stop_signals(0)
     os.kill(os.getpid(), signal.SIGTERM)
     pipe.send("survived SIGTERM")
     time.sleep(60)

@@ -1,0 +1,305 @@
+"""Pretraining data: DINO's multi-crop augmentation, the image folder, the resumable sampler.
+
+* ``DataAugmentationMaSSL``: an image -> [global crop 1, global crop 2, local crops...]
+  (docs/method.md, "Multi-crop").
+* ``build_pretrain_dataset``: every image under a folder (ImageFolder classes or not).
+* ``PretrainSampler``: the same shuffled order on every rank, whole optimizer steps per
+  epoch, startable mid-epoch, and a per-image augmentation seed mixed from (seed, epoch,
+  image): an image's crops do not depend on the worker, the rank or the resume point.
+* ``build_loader``: the DataLoader over those, with workers that leave stop signals to the
+  training process (``shutdown_loader_workers`` stops them when training ends).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+import utils
+
+# Bad images tried in a row (with --skip_bad_images) before giving up on a sample.
+MAX_CONSECUTIVE_BAD_IMAGES = 100
+# Images opened at start-up to prove the data is readable (never the whole dataset).
+MAX_STARTUP_PROBES = 100
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 64-bit seed from integers (splitmix64 chained), cheap enough per image."""
+    mask = (1 << 64) - 1
+    x = 0
+    for v in values:
+        x = (x + (v & mask) + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        x ^= x >> 31
+    return x
+
+
+def blur_kernel_size(crop_size: int) -> int:
+    """Odd Gaussian-blur kernel of about 10% of the crop (23 px at 224, 9 at 96, 3 at 28)."""
+    return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
+
+
+class DataAugmentationMaSSL:
+    """DINO's multi-crop augmentation (docs/method.md, "Multi-crop"): an image -> [global 1, global 2, locals...].
+
+    Global crops: RandomResizedCrop(``global_crops_size``, ``global_crops_scale``), flip,
+    colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, Gaussian blur (sigma 0.1-2)
+    p 1.0 (crop 1) / p 0.1 (crop 2), solarization p 0.2 (crop 2 only). Local crops: the
+    same at ``local_crops_size`` with blur p 0.5. Bicubic resizing, ImageNet normalisation.
+    Works on PIL images; all randomness comes from torch's global generator.
+    """
+
+    def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
+                 local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96):
+        bicubic = v2.InterpolationMode.BICUBIC
+        flip_and_color_jitter = [
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                           p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
+        to_normalized_tensor = [
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
+            v2.ToPureTensor(),
+        ]
+
+        def blur(size: int, p: float) -> v2.Transform:
+            return v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=p)
+
+        self.global_transfo1 = v2.Compose([
+            v2.RandomResizedCrop(global_crops_size, scale=tuple(global_crops_scale),
+                                 interpolation=bicubic),
+            *flip_and_color_jitter,
+            blur(global_crops_size, 1.0),
+            *to_normalized_tensor,
+        ])
+        self.global_transfo2 = v2.Compose([
+            v2.RandomResizedCrop(global_crops_size, scale=tuple(global_crops_scale),
+                                 interpolation=bicubic),
+            *flip_and_color_jitter,
+            blur(global_crops_size, 0.1),
+            v2.RandomSolarize(threshold=128, p=0.2),
+            *to_normalized_tensor,
+        ])
+        self.local_crops_number = local_crops_number
+        self.local_transfo = v2.Compose([
+            v2.RandomResizedCrop(local_crops_size, scale=tuple(local_crops_scale),
+                                 interpolation=bicubic),
+            *flip_and_color_jitter,
+            blur(local_crops_size, 0.5),
+            *to_normalized_tensor,
+        ])
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
+        return crops
+
+
+def _image_files(folder: str) -> list[str]:
+    """Image files under ``folder``, recursively, in sorted order (as ImageFolder lists them)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if utils.is_image_file(f))
+    return found
+
+
+def _has_image(folder: str) -> bool:
+    for _, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(utils.is_image_file(f) for f in filenames):
+            return True
+    return False
+
+
+class PretrainDataset(Dataset):
+    """Images of an ImageFolder tree or of a plain folder, as multi-crop lists.
+
+    ``dataset[i]`` -> ``(crops, label)``. ``dataset[(seed, i)]`` (what ``PretrainSampler``
+    yields) draws the augmentations from a generator seeded with ``seed``, so an image's
+    crops depend only on (run seed, epoch, image) -- not on the worker, rank or resume point.
+    """
+
+    def __init__(self, root: str, samples: list[tuple[str, int]], classes: list[str],
+                 transform: Callable | None, skip_bad_images: bool):
+        self.root = root
+        self.samples = samples
+        self.classes = classes
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int):
+        """The PIL image at ``index`` (or, skipping bad files, the next readable one) and its label."""
+        for attempt in range(MAX_CONSECUTIVE_BAD_IMAGES):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return utils.load_rgb_image(path), label
+            except utils.BadImageError as e:
+                if not self.skip_bad_images:
+                    raise utils.BadImageError(
+                        f"{e} (--skip_bad_images true skips unreadable images)") from None
+                if path not in self._warned:
+                    self._warned.add(path)
+                    print(f"warning: skipping unreadable image: {e}", file=sys.stderr, flush=True)
+        raise utils.UserError(
+            f"{MAX_CONSECUTIVE_BAD_IMAGES} unreadable images in a row after "
+            f"{self.samples[index][0]}: is the dataset corrupt?")
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        seed, index = key if isinstance(key, tuple) else (None, key)
+        image, label = self.load(index)
+        if self.transform is None:
+            return image, label
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            return self.transform(image), label
+
+
+def build_pretrain_dataset(data_path: str, transform: Callable | None,
+                           skip_bad_images: bool = False) -> PretrainDataset:
+    """The training images under ``data_path``.
+
+    With class sub-folders holding images (ImageFolder layout, e.g. ``imagenet/train``) the
+    samples and labels are ImageFolder's; otherwise every image under ``data_path``
+    (recursively) is a sample with label 0. Files are listed, not opened, except the first
+    few to prove the data is readable. Raises ``utils.UserError`` for a missing or empty
+    folder and ``utils.BadImageError`` naming an unreadable first image.
+    """
+    root = os.path.expanduser(str(data_path))
+    if not os.path.exists(root):
+        raise utils.UserError(f"data folder {root} does not exist (--data_path)")
+    if not os.path.isdir(root):
+        raise utils.UserError(f"--data_path {root} is not a folder")
+    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = [d for d in subdirs if _has_image(os.path.join(root, d))]
+    if classes:
+        samples = [(path, label) for label, name in enumerate(classes)
+                   for path in _image_files(os.path.join(root, name))]
+        loose = [f for f in os.listdir(root) if utils.is_image_file(f)]
+        if loose:
+            print(f"warning: {len(loose)} images directly in {root} are outside the class "
+                  "folders and are not used", file=sys.stderr, flush=True)
+    else:
+        samples = [(path, 0) for path in _image_files(root)]
+    if not samples:
+        raise utils.UserError(
+            f"no images found in {root} (looked recursively for "
+            f"{', '.join(utils.IMAGE_EXTENSIONS)} files)")
+    dataset = PretrainDataset(root, samples, classes, transform, skip_bad_images)
+    _check_some_image_readable(dataset)
+    return dataset
+
+
+def _check_some_image_readable(dataset: PretrainDataset) -> None:
+    errors = []
+    for path, _ in dataset.samples[:MAX_STARTUP_PROBES]:
+        try:
+            utils.load_rgb_image(path)
+            return
+        except utils.BadImageError as e:
+            if not dataset.skip_bad_images:
+                raise utils.BadImageError(
+                    f"{e} (--skip_bad_images true skips unreadable images)") from None
+            errors.append(e)
+    raise utils.UserError(
+        f"no readable image in {dataset.root}: the first {len(errors)} files all failed "
+        f"(first: {errors[0]})")
+
+
+class PretrainSampler(DistributedSampler):
+    """DistributedSampler (shuffled per epoch, same order on every rank) that
+
+    * yields ``(augmentation seed, index)`` with the seed mixed from (seed, epoch, index),
+    * yields whole optimizer steps of ``step_samples`` (per rank) only, at most
+      ``samples_per_epoch`` (the rest of the epoch is dropped),
+    * can start mid-epoch at any sample (``set_start``) to resume after a preemption.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int,
+                 samples_per_epoch: int, step_samples: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        if samples_per_epoch > self.num_samples:
+            raise ValueError(f"samples_per_epoch {samples_per_epoch} > {self.num_samples}")
+        self.samples_per_epoch = samples_per_epoch
+        self.step_samples = step_samples
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    @property
+    def stop(self) -> int:
+        whole_steps = max(self.samples_per_epoch - self.start, 0) // self.step_samples
+        return self.start + whole_steps * self.step_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(super().__iter__())[self.start:self.stop]
+        return ((mix_seed(self.seed, 1, self.epoch, index), index) for index in order)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def build_loader(dataset: PretrainDataset, sampler: PretrainSampler, batch_size: int,
+                 num_workers: int, device: torch.device, seed: int) -> DataLoader:
+    """The training DataLoader: persistent workers that defer stop signals, pinned memory on
+    CUDA, and its own seeded generator so DataLoader seeding never touches the global RNG."""
+    generator = torch.Generator()
+    generator.manual_seed(seed % (2 ** 63))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", drop_last=True,
+                      persistent_workers=num_workers > 0, worker_init_fn=_defer_stop_signals,
+                      generator=generator)
+
+
+WORKER_STOP_GRACE_S = 120
+
+
+def _defer_stop_signal(signum: int, frame: Any) -> None:
+    # The first stop signal arms a SIGALRM (default action: end the process) for
+    # WORKER_STOP_GRACE_S; later ones leave the running countdown as it is.
+    remaining = signal.alarm(0)
+    signal.alarm(remaining or WORKER_STOP_GRACE_S)
+
+
+def _defer_stop_signals(worker_id: int) -> None:
+    """Data-worker init: leave SIGTERM/SIGUSR1 to the training process.
+
+    SLURM signals every process of the job at once. A worker that died at once would make the
+    training process fail ("DataLoader worker exited unexpectedly") before it could save, so
+    workers let the training process save and then stop them (shutdown_loader_workers). They
+    do not ignore the signal for good: a worker nobody stops (the training process is exiting
+    without having shut it down, and multiprocessing's exit-time terminate() is all that is
+    left) ends WORKER_STOP_GRACE_S later instead of keeping the job, and its GPUs, alive.
+    """
+    if not hasattr(signal, "alarm"):  # Windows: no SIGUSR1/SIGALRM; keep the defaults
+        return
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), _defer_stop_signal)
+
+
+def shutdown_loader_workers(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent workers now, not whenever its iterator is collected.
+
+    After an exception the iterator lives on in the traceback, and its workers with it, until
+    interpreter exit, where multiprocessing terminates and joins them."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()  # private, but the only way that does not wait for gc
+    loader._iterator = None

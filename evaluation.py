@@ -1,0 +1,319 @@
+"""The evaluation library: what every frozen-feature evaluation script shares.
+
+The flags naming a backbone and an ImageFolder with ``train/`` and ``val/``; DINO's evaluation
+transform; the frozen backbone from any checkpoint the shared loader takes (or random, as a
+baseline); feature extraction split across ranks and gathered back in dataset order; the
+weighted k-NN classifier; feature dumps. ``eval_knn.py``, ``eval_linear.py``, the other
+``eval_*.py`` scripts and the online k-NN of ``main_massl.py`` all use these, so one protocol
+gives one number whichever script computes it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+import utils
+import vision_transformer as vits
+
+# Largest val-chunk x train similarity matrix built at once (elements; 512 MB in fp32).
+# ImageNet's 1.28 M train images then go ~100 val images at a time.
+SIMILARITY_ELEMENTS_PER_CHUNK = 2 ** 27
+# Rows all-gathered per collective call when assembling features (bounds device memory).
+GATHER_ROWS_PER_CALL = 65536
+
+FEATURE_FILES = ("trainfeat.pth", "valfeat.pth", "trainlabels.pth", "vallabels.pth")
+FEATURE_META = "features_meta.json"
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def add_backbone_and_data_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by eval_knn.py and eval_linear.py."""
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--pretrained_weights", default="", type=str, help="""Checkpoint to
+        evaluate: a training checkpoint.pth (ours, DINO's or iBOT's), a bare backbone state
+        dict, or an exported .pth/.safetensors file. Never downloaded. Empty: a randomly
+        initialised backbone (a baseline only; a loud warning is printed).""")
+    group.add_argument("--checkpoint_key", default="teacher", type=str, help="""Which network
+        of a training checkpoint to evaluate: 'teacher' (default, what the paper reports) or
+        'student'. Ignored for files that hold a single backbone.""")
+    group.add_argument("--arch", default=None, type=str, help="""Backbone architecture
+        (vit_nano, vit_tiny, vit_small, vit_base, vit_large or a timm model name). Default:
+        the arch stored in the checkpoint, else inferred from the weights; vit_small for
+        random init.""")
+    group.add_argument("--patch_size", default=None, type=int, help="""ViT patch size.
+        Default: the checkpoint's (16 in the reference runs; 16 for random init).""")
+    group.add_argument("--seed", default=0, type=int, help="""Seed for random init and data
+        order; every process uses the same, so a random backbone is the same on all.""")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_path", default=None, type=str, help="""ImageFolder root with
+        train/<class>/* and val/<class>/* (e.g. ImageNet; or the folder written by
+        fashion_mnist.py).""")
+    group.add_argument("--resize_size", default=256, type=int, help="""Shorter side after a
+        bicubic resize, before the centre crop (256 as in DINO's evaluation; use the image
+        size, e.g. 28, for small-image datasets).""")
+    group.add_argument("--crop_size", default=224, type=int, help="""Centre-crop size of the
+        evaluation images (224 as in DINO; 28 for 28-px images).""")
+    group.add_argument("--batch_size_per_gpu", default=128, type=int, help="""Images per
+        process and step of feature extraction (and of linear training).""")
+    group.add_argument("--num_workers", default=8, type=int,
+                       help="Data-loading processes per process (capped at the CPUs it may use).")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--output_dir", default=".", type=str, help="""Where results (JSON),
+        feature dumps and saved heads go.""")
+    group.add_argument("--device", default=None, type=str, help="""'cuda', 'cpu', ...
+        Default: CUDA when available (one GPU per local rank), else CPU.""")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def eval_transform(resize_size: int, crop_size: int) -> transforms.Compose:
+    """Resize (bicubic) + centre crop + ImageNet normalisation: DINO's evaluation transform."""
+    return transforms.Compose([
+        transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
+    ])
+
+
+def _image_folder(root: Path, transform: Callable) -> datasets.ImageFolder:
+    if not root.is_dir():
+        raise utils.UserError(f"no folder {root}: the dataset must be laid out as "
+                              f"{root.parent}/train/<class>/* and {root.parent}/val/<class>/*")
+    try:
+        return datasets.ImageFolder(str(root), transform=transform, loader=utils.load_rgb_image)
+    except FileNotFoundError as e:
+        raise utils.UserError(f"no images in {root}: expected {root}/<class>/<image> files "
+                              f"({utils.user_error_message(e)})") from e
+
+
+def build_train_val(data_path: str | None, train_transform: Callable, val_transform: Callable
+                    ) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """``DATA/train`` and ``DATA/val`` as ImageFolders whose labels mean the same class.
+
+    Val may lack some train classes (labels then still index train's class list); a val
+    class that train does not have is an error.
+    """
+    if not data_path:
+        raise utils.UserError("--data_path is required (an ImageFolder root with train/ and val/)")
+    root = Path(data_path)
+    if not root.is_dir():
+        raise utils.UserError(f"--data_path {root} does not exist")
+    train = _image_folder(root / "train", train_transform)
+    val = _image_folder(root / "val", val_transform)
+    unknown = sorted(set(val.classes) - set(train.classes))
+    if unknown:
+        raise utils.UserError(f"{root / 'val'} has classes that {root / 'train'} lacks: "
+                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    if val.classes != train.classes:  # re-index val's labels by train's class list
+        val_names = val.classes
+        val.samples = [(p, train.class_to_idx[val_names[t]]) for p, t in val.samples]
+        val.imgs = val.samples
+        val.targets = [t for _, t in val.samples]
+        val.classes, val.class_to_idx = list(train.classes), dict(train.class_to_idx)
+    return train, val
+
+
+def usable_workers(requested: int) -> int:
+    """``--num_workers``, but no more than the CPUs this process may use (more only adds
+    start-up time and a DataLoader warning on small machines)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(requested, cpus))
+
+
+# --------------------------------------------------------------------------- backbone
+
+
+
+
+def build_eval_backbone(pretrained_weights: str, checkpoint_key: str, arch: str | None,
+                        patch_size: int | None, crop_size: int, seed: int
+                        ) -> tuple[nn.Module, int, dict]:
+    """The frozen backbone to evaluate: from a checkpoint, or random (same on every rank)."""
+    if pretrained_weights:
+        model, feature_dim, info = utils.build_backbone_from_checkpoint(
+            pretrained_weights, arch=arch, patch_size=patch_size, checkpoint_key=checkpoint_key)
+    else:
+        arch, patch_size = arch or "vit_small", patch_size or 16
+        utils.fix_random_seeds(seed)  # every rank must build the same random weights
+        try:
+            model, feature_dim = vits.build_backbone(arch, patch_size, img_size=crop_size)
+        except vits.UnknownArchError as e:
+            raise utils.UserError(str(e)) from e
+        info = {"path": None, "checkpoint_key": None, "arch": arch, "patch_size": patch_size,
+                "img_size": crop_size, "feature_dim": feature_dim, "args": None,
+                "notes": [f"seed {seed}"]}
+        if utils.is_main_process():
+            print(f"WARNING: no --pretrained_weights: evaluating a RANDOMLY INITIALISED {arch} "
+                  f"(patch {patch_size}). This is a baseline, not a trained model.",
+                  file=sys.stderr, flush=True)
+    model.eval()
+    model.requires_grad_(False)
+    return model, feature_dim, info
+
+
+def describe_backbone(info: dict) -> str:
+    source = info["path"] or "random init"
+    key = f" [{info['checkpoint_key']}]" if info["path"] else ""
+    patch = f", patch {info['patch_size']}" if info["arch"] in vits.VIT_ARCHS else ""
+    notes = f" ({'; '.join(info['notes'])})" if info["notes"] else ""
+    return f"{info['arch']}{patch} from {source}{key}{notes}"
+
+
+# --------------------------------------------------------------------------- distributed features
+
+
+def shard_range(num_items: int, rank: int, world_size: int) -> range:
+    """Contiguous, non-overlapping, unpadded slice of ``range(num_items)`` for ``rank``."""
+    return range(num_items * rank // world_size, num_items * (rank + 1) // world_size)
+
+
+def gather_in_order(local: torch.Tensor, num_items: int, out_device: torch.device | str | None = None
+                    ) -> torch.Tensor:
+    """Concatenate every rank's ``shard_range`` rows in rank order: the full tensor, in dataset order.
+
+    Shards differ in size by at most one row; they are padded to the largest for
+    ``all_gather`` and trimmed after. Rows travel in slices of ``GATHER_ROWS_PER_CALL`` and
+    land on ``out_device`` (default: where ``local`` is).
+    """
+    out_device = torch.device(out_device) if out_device is not None else local.device
+    if not utils.is_dist():
+        return local.to(out_device)
+    world_size = utils.get_world_size()
+    sizes = [len(shard_range(num_items, r, world_size)) for r in range(world_size)]
+    assert local.shape[0] == sizes[utils.get_rank()], "local rows must be this rank's shard"
+    max_rows = max(sizes)
+    padded = local.new_zeros((max_rows, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    per_rank: list[list[torch.Tensor]] = [[] for _ in range(world_size)]
+    for start in range(0, max_rows, GATHER_ROWS_PER_CALL):
+        piece = padded[start:start + GATHER_ROWS_PER_CALL].contiguous()
+        received = [torch.empty_like(piece) for _ in range(world_size)]
+        dist.all_gather(received, piece)
+        for r in range(world_size):
+            per_rank[r].append(received[r].to(out_device))
+    return torch.cat([torch.cat(parts)[:size] for parts, size in zip(per_rank, sizes)])
+
+
+@torch.no_grad()
+def extract_features(featurize: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset,
+                     feature_dim: int, batch_size: int, num_workers: int, device: torch.device,
+                     out_device: torch.device | str | None = None) -> torch.Tensor:
+    """``featurize`` over the whole dataset once, split across ranks: ``(len(dataset), feature_dim)``
+    in dataset order on every rank (on ``out_device``, default ``device``)."""
+    num_items = len(dataset)
+    shard = Subset(dataset, list(shard_range(num_items, utils.get_rank(), utils.get_world_size())))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", drop_last=False)
+    chunks = [torch.empty(0, feature_dim, device=device)]
+    for images, _ in loader:
+        chunks.append(featurize(images.to(device, non_blocking=True)).float())
+    return gather_in_order(torch.cat(chunks), num_items, out_device)
+
+
+# --------------------------------------------------------------------------- k-NN
+
+
+@torch.no_grad()
+def knn_classifier(train_features: torch.Tensor, train_labels: torch.Tensor,
+                   test_features: torch.Tensor, test_labels: torch.Tensor, k: int, T: float,
+                   num_classes: int, chunk_size: int | None = None) -> tuple[float, float]:
+    """Weighted k-NN accuracy (top-1, top-5, in percent), DINO's vote.
+
+    Features are L2-normalised rows, so the dot product is the cosine similarity. For each
+    test row, the ``k`` most similar train rows vote for their label with weight
+    ``exp(sim / T)``; classes are ranked by their summed votes. Top-5 counts a test row when
+    its label is among the ``min(5, num_classes)`` best-ranked classes *and* got a vote:
+    a class with no neighbour is never a hit (DINO's ranking among zero-vote classes is an
+    arbitrary tie-break; otherwise the numbers are the same).
+    """
+    num_train, num_test = train_features.shape[0], test_features.shape[0]
+    if not 1 <= k <= num_train:
+        raise ValueError(f"k={k} must be between 1 and the number of train features ({num_train})")
+    if num_test == 0:
+        raise ValueError("no test features")
+    if chunk_size is None:
+        chunk_size = max(1, min(num_test, SIMILARITY_ELEMENTS_PER_CHUNK // num_train))
+    device = train_features.device
+    train_labels = train_labels.to(device).long()
+    test_labels = test_labels.to(device).long()
+    top_n = min(5, num_classes)
+    top1 = top5 = 0
+    for start in range(0, num_test, chunk_size):
+        features = test_features[start:start + chunk_size].to(device)
+        targets = test_labels[start:start + chunk_size]
+        similarity = features @ train_features.T
+        neighbour_sims, neighbour_idx = similarity.topk(k, dim=1, largest=True, sorted=True)
+        neighbour_labels = train_labels[neighbour_idx]
+        weights = (neighbour_sims / T).exp()
+        votes = torch.zeros(features.shape[0], num_classes, device=device, dtype=weights.dtype)
+        votes.scatter_add_(1, neighbour_labels, weights)
+        voters = torch.zeros(features.shape[0], num_classes, device=device)
+        voters.scatter_add_(1, neighbour_labels, torch.ones_like(weights, dtype=voters.dtype))
+        ranked = votes.topk(top_n, dim=1, largest=True, sorted=True).indices
+        hits = (ranked == targets[:, None]) & (voters.gather(1, ranked) > 0)
+        top1 += hits[:, 0].sum().item()
+        top5 += hits.sum().item()
+    return top1 * 100.0 / num_test, top5 * 100.0 / num_test
+
+
+def effective_ks(requested: list[int], num_train: int) -> list[int]:
+    """Requested k values, clipped to the train set size (with a warning), deduplicated, in order."""
+    ks: list[int] = []
+    for k in requested:
+        if k < 1:
+            raise utils.UserError(f"--nb_knn values must be >= 1, got {k}")
+        if k > num_train:
+            if utils.is_main_process():
+                print(f"warning: k={k} is larger than the train set ({num_train} images); "
+                      f"using k={num_train}", file=sys.stderr, flush=True)
+            k = num_train
+        if k not in ks:
+            ks.append(k)
+    return ks
+
+
+# --------------------------------------------------------------------------- files
+
+
+
+
+def dump_features(folder: Path, train_features: torch.Tensor, val_features: torch.Tensor,
+                  train_labels: torch.Tensor, val_labels: torch.Tensor, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, tensor in zip(FEATURE_FILES, (train_features, val_features, train_labels, val_labels)):
+        utils.save_atomic(tensor.cpu(), folder / name)
+    utils.write_json(meta, folder / FEATURE_META)
+
+
+def load_features(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    missing = [name for name in FEATURE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise utils.UserError(f"--load_features {folder}: missing {', '.join(missing)} "
+                              "(write them with --dump_features)")
+    try:
+        tensors = [torch.load(folder / name, map_location="cpu", weights_only=True)
+                   for name in FEATURE_FILES]
+    except Exception as e:
+        raise utils.UserError(f"cannot read features in {folder}: {utils.user_error_message(e)}") from e
+    meta_file = folder / FEATURE_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return (*tensors, meta)
