@@ -1,0 +1,213 @@
+"""trainer.MaSSLTrainer in-process: one optimizer step against literal re-computations, and
+resuming checkpoints in the format written before the trainer existed."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import main_massl
+import utils
+from trainer import MaSSLTrainer
+
+# A 28 px ViT with 7 px patches; memory of 32 slots in blocks of 16; no drop-path and no
+# clipping so a step's gradient is a plain function of its inputs.
+TINY = ["--data_path", "unused", "--arch", "vit_pico", "--patch_size", "7",
+        "--global_crops_size", "28", "--local_crops_size", "14", "--local_crops_number", "2",
+        "--out_dim", "32", "--partition_size", "16", "--bottleneck_dim", "32",
+        "--drop_path_rate", "0", "--clip_grad", "0", "--num_workers", "0", "--epochs", "2",
+        "--warmup_teacher_temp_epochs", "1", "--lr", "0.01", "--seed", "3",
+        "--batch_size_per_gpu", "4"]
+STEPS_PER_EPOCH = 5
+
+
+def make_args(*extra: str) -> object:
+    return main_massl.get_args_parser().parse_args([*TINY, *extra])
+
+
+def make_trainer(*extra: str) -> MaSSLTrainer:
+    env = utils.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    args = make_args(*extra)
+    main_massl.check_args(args, 1)
+    return MaSSLTrainer(args, env, STEPS_PER_EPOCH, log=lambda message: None)
+
+
+def crops(seed: int, batch: int = 4, locals_: int = 2) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(batch, 3, 28, 28, generator=g) for _ in range(2)]
+            + [torch.randn(batch, 3, 14, 14, generator=g) for _ in range(locals_)])
+
+
+def capture_grads(trainer: MaSSLTrainer) -> dict[str, torch.Tensor]:
+    """The student's gradients as the optimizer sees them at its step."""
+    seen: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in trainer.student.named_parameters()}
+
+    def hook(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    seen[names[id(p)]] = p.grad.detach().clone()
+
+    trainer.optimizer.register_step_pre_hook(hook)
+    return seen
+
+
+def test_accumulation_sums_micro_batch_gradients_and_advances_schedules_once():
+    trainer = make_trainer("--gradient_accumulation", "2")
+    student, teacher = copy.deepcopy(trainer.student), copy.deepcopy(trainer.teacher)
+    memory = copy.deepcopy(trainer.memory)
+    seen = capture_grads(trainer)
+    batches = [crops(0), crops(1)]
+    ptr_before = int(trainer.memory.ptr)
+
+    metrics = trainer.train_step(batches)
+
+    # Literal re-computation: each micro-batch's loss against the memory as it was, its
+    # own random blocks (seeded by micro-batch index), then the memory update; loss / 2.
+    temp = float(trainer.schedules["teacher_temp"][0])
+    losses = []
+    for micro, batch in enumerate(batches):
+        generator = torch.Generator().manual_seed(data.mix_seed(3, 4, micro) % (2 ** 63))
+        perm = torch.randperm(memory.size, generator=generator)
+        s, t = student(batch), teacher(batch[:2]).detach()
+        losses.append(trainer.criterion(s, t, memory.features.clone(), temp, perm=perm))
+        memory.update(t[4:8])
+    (sum(losses) / 2).backward()
+    assert seen, "the optimizer step hook saw no gradient"
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(seen[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert metrics["loss"] == pytest.approx(sum(x.item() for x in losses) / 2, rel=1e-5)
+    # one optimizer step: schedules advanced once, at their first values
+    assert trainer.global_step == 1
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.schedules["lr"][0])
+    assert metrics["teacher_temp"] == pytest.approx(temp)
+    # the memory pointer advanced by the global batch once per micro-batch
+    assert int(trainer.memory.ptr) == (ptr_before + 2 * 4) % 32
+    torch.testing.assert_close(trainer.memory.bank, memory.bank)
+
+
+def test_memory_pointer_advances_by_the_batch_per_micro_batch_and_wraps():
+    trainer = make_trainer("--gradient_accumulation", "3")
+    trainer.train_step([crops(i) for i in range(3)])
+    assert int(trainer.memory.ptr) == 12
+    trainer.train_step([crops(i) for i in range(3, 6)])
+    assert int(trainer.memory.ptr) == 24
+    trainer.train_step([crops(i) for i in range(6, 9)])
+    assert int(trainer.memory.ptr) == (36 % 32)
+    assert trainer.global_step == 3
+
+
+def test_wrong_number_of_micro_batches_is_an_error():
+    trainer = make_trainer("--gradient_accumulation", "2")
+    with pytest.raises(ValueError, match="expected 2"):
+        trainer.train_step([crops(0)])
+
+
+def test_teacher_is_the_ema_of_the_student():
+    trainer = make_trainer()
+    teacher_before = [p.detach().clone() for p in trainer.teacher.parameters()]
+    metrics = trainer.train_step([crops(0)])
+    m = metrics["momentum"]
+    for before, t, s in zip(teacher_before, trainer.teacher.parameters(),
+                            trainer.student.parameters()):
+        torch.testing.assert_close(t, m * before + (1 - m) * s.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--use_bf16", "true"],
+    ["--optimizer", "sgd"],
+    ["--use_bn_in_head", "true"],
+    ["--koleo_loss_weight", "0.5"],
+])
+def test_step_variants_are_finite_and_move_the_student(extra):
+    trainer = make_trainer(*extra)
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    for i in range(2):
+        metrics = trainer.train_step([crops(i)])
+        assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
+    moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    assert moved > len(before) // 2
+    if "--koleo_loss_weight" in extra:
+        assert metrics["loss"] == pytest.approx(metrics["massl"] + 0.5 * metrics["koleo"],
+                                                rel=1e-5)
+
+
+def test_state_dict_round_trip_continues_identically(tmp_path):
+    a = make_trainer()
+    a.train_step([crops(0)])
+    torch.save(a.state_dict({"meter": {"sums": {"loss": 1.0}, "count": 1}}), tmp_path / "s.pth")
+    b = make_trainer()
+    mine = b.load_state_dict(torch.load(tmp_path / "s.pth", weights_only=True))
+    assert mine == {"meter": {"sums": {"loss": 1.0}, "count": 1}}
+    b.global_step = a.global_step
+    ma, mb = a.train_step([crops(1)]), b.train_step([crops(1)])
+    assert ma == mb
+    for pa, pb in zip(a.teacher.parameters(), b.teacher.parameters()):
+        assert torch.equal(pa, pb)
+
+
+# --------------------------------------------------------------------------- older checkpoints
+
+
+def write_pre_trainer_checkpoint(ckpt: dict, path: Path, epoch_sums: dict[str, float]) -> None:
+    """The checkpoint layout written before trainer.py existed (pinned here, as it was):
+    training state plus ``epoch``, ``iteration``, ``global_step``, ``args`` and per-rank
+    ``rank_states`` of ``{"rng", "epoch_sums"}`` with ``sum_*`` accumulators; no
+    ``images_per_step``, no ``epoch_images_done``."""
+    old = {key: ckpt[key] for key in ("student", "teacher", "optimizer", "memory", "epoch",
+                                      "iteration", "global_step", "args")}
+    old["rank_states"] = [{"rng": r["rng"], "epoch_sums": dict(epoch_sums)}
+                          for r in ckpt["rank_states"]]
+    torch.save(old, path)
+
+
+def test_checkpoint_in_the_pre_trainer_layout_resumes_exactly(fmnist_folder, tmp_path):
+    """A run stopped mid-epoch whose checkpoint is rewritten in the old layout resumes to the
+    same teacher, memory and epoch losses as a run that was never stopped."""
+    flags = ["--data_path", str(fmnist_folder / "train"), "--arch", "vit_pico",
+             "--patch_size", "7", "--global_crops_size", "28", "--local_crops_size", "14",
+             "--local_crops_number", "2", "--out_dim", "64", "--partition_size", "32",
+             "--batch_size_per_gpu", "32", "--epochs", "2", "--num_workers", "0",
+             "--print_freq", "1", "--seed", "1", "--saveckp_freq", "0"]
+    whole = tmp_path / "whole"
+    main_massl.train(main_massl.build_cli_parser().parse_args(
+        [*flags, "--output_dir", str(whole)]), install_signal_handlers=False)
+
+    # The same run, stopped after step 4 of epoch 2 (a stop request, as SIGTERM makes one).
+    cut = tmp_path / "cut"
+    args = main_massl.build_cli_parser().parse_args([*flags, "--output_dir", str(cut)])
+    calls = {"n": 0}
+    real_step = MaSSLTrainer.train_step
+
+    def counting_step(self, micro_batches, stop_requested=False):
+        calls["n"] += 1
+        return real_step(self, micro_batches, stop_requested=calls["n"] == 9 + 4)
+
+    MaSSLTrainer.train_step = counting_step
+    try:
+        assert main_massl.train(args, install_signal_handlers=False) == "preempted"
+    finally:
+        MaSSLTrainer.train_step = real_step
+    new = torch.load(cut / "checkpoint.pth", weights_only=True)
+    assert (new["epoch"], new["iteration"]) == (1, 4)
+    meter = new["rank_states"][0]["meter"]
+    write_pre_trainer_checkpoint(new, cut / "checkpoint.pth", {
+        "sum_loss": meter["sums"]["loss"], "sum_massl": meter["sums"]["massl"],
+        "steps": meter["count"], "time_s": 1.0, "images": meter["sums"]["images"]})
+
+    main_massl.train(args, install_signal_handlers=False)
+    a = torch.load(whole / "checkpoint.pth", weights_only=True)
+    b = torch.load(cut / "checkpoint.pth", weights_only=True)
+    for key in a["teacher"]:
+        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
+    assert torch.equal(a["memory"]["bank"], b["memory"]["bank"])
+    logs = [[json.loads(line) for line in (d / "log.txt").read_text().splitlines()]
+            for d in (whole, cut)]
+    assert [e["epoch"] for e in logs[1]] == [1, 2]
+    for key in ("train_loss", "train_massl", "train_lr", "train_teacher_temp"):
+        assert logs[1][1][key] == pytest.approx(logs[0][1][key], rel=1e-6), key
