@@ -6,7 +6,9 @@
     features = model(images)  # (B, 384) CLS features, any input size
 
 ``pretrained`` is a local file (a training checkpoint, an ``export.py`` output, ``.pth`` or
-``.safetensors``, a DINO-style checkpoint) or an ``http(s)://`` (or ``file://``) URL of one.
+``.safetensors``, a DINO-style checkpoint), a timm model folder (``export.py --format
+timm_folder``: ``config.json`` + ``model.safetensors``) or an ``http(s)://`` (or ``file://``)
+URL of a file.
 Nothing is downloaded unless you pass a URL; a URL's file is cached in
 ``torch.hub.get_dir()/checkpoints`` as ``torch.hub.load_state_dict_from_url`` does, then read
 by the same strict loader as a local file. Weights load strictly: a checkpoint of another
@@ -76,6 +78,17 @@ def _local_copy(url: str, progress: bool) -> str:
     return cached
 
 
+def _folder_weights(folder: str) -> str:
+    """``model.safetensors`` of a timm model folder (what ``export.py --format timm_folder``
+    writes); its header carries the training args, so it loads like an exported file."""
+    config, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    if not (os.path.isfile(config) and os.path.isfile(weights)):
+        raise ValueError(f"pretrained={folder!r} is a folder but not a timm model folder: it "
+                         "needs config.json and model.safetensors (export.py --format "
+                         "timm_folder writes one)")
+    return weights
+
+
 def _massl_vit(arch: str, patch_size: int, pretrained: str | os.PathLike | None = None, *,
                checkpoint_key: str = "teacher", img_size: int | None = None,
                drop_path_rate: float = 0.0, progress: bool = True) -> torch.nn.Module:
@@ -93,6 +106,8 @@ def _massl_vit(arch: str, patch_size: int, pretrained: str | os.PathLike | None 
         path = str(pretrained)
         if urllib.parse.urlparse(path).scheme in ("http", "https", "file"):
             path = _local_copy(path, progress)
+        elif os.path.isdir(path):
+            path = _folder_weights(path)
         model, _, info = utils.build_backbone_from_checkpoint(
             path, arch=arch, patch_size=patch_size, checkpoint_key=checkpoint_key,
             img_size=img_size)
@@ -107,22 +122,24 @@ def _massl_vit(arch: str, patch_size: int, pretrained: str | os.PathLike | None 
 
 
 def massl_vitt16(pretrained: str | os.PathLike | None = None, **kwargs) -> torch.nn.Module:
-    """ViT-Tiny/16 (192-d features). ``pretrained``: checkpoint path or URL, None = random."""
+    """ViT-Tiny/16 (192-d features). ``pretrained``: checkpoint path, model folder or URL,
+    None = random."""
     return _massl_vit("vit_tiny", 16, pretrained, **kwargs)
 
 
 def massl_vits16(pretrained: str | os.PathLike | None = None, **kwargs) -> torch.nn.Module:
     """ViT-Small/16 (384-d features), the paper's main model (800 epochs on ImageNet-1k).
-    ``pretrained``: checkpoint path or URL, None = random."""
+    ``pretrained``: checkpoint path, model folder or URL, None = random."""
     return _massl_vit("vit_small", 16, pretrained, **kwargs)
 
 
 def massl_vitb16(pretrained: str | os.PathLike | None = None, **kwargs) -> torch.nn.Module:
     """ViT-Base/16 (768-d features; the paper trains it 400 epochs). ``pretrained``:
-    checkpoint path or URL, None = random."""
+    checkpoint path, model folder or URL, None = random."""
     return _massl_vit("vit_base", 16, pretrained, **kwargs)
 
 
 def massl_vitl16(pretrained: str | os.PathLike | None = None, **kwargs) -> torch.nn.Module:
-    """ViT-Large/16 (1024-d features). ``pretrained``: checkpoint path or URL, None = random."""
+    """ViT-Large/16 (1024-d features). ``pretrained``: checkpoint path, model folder or URL,
+    None = random."""
     return _massl_vit("vit_large", 16, pretrained, **kwargs)
