@@ -44,10 +44,10 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import PretrainedCfg, get_pretrained_cfg
 
-from utils import (UserError, build_backbone_from_checkpoint, exit_with_error, save_atomic,
+from utils import (IMAGENET_MEAN, IMAGENET_STD, UserError, atomic_path,
+                   build_backbone_from_checkpoint, exit_with_error, respect_umask, save_atomic,
                    user_error_message)
 from vision_transformer import VIT_ARCHS
 
@@ -101,14 +101,6 @@ def _safetensors_metadata(args: dict | None, arch: str, patch_size: int, img_siz
     return metadata
 
 
-def _respect_umask(path: str | os.PathLike, mode: int = 0o666) -> None:
-    """Give ``path`` the permissions a plain ``open()`` / ``mkdir`` would: temp files and
-    folders are created private (0600 / 0700), which would hide the export from others."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
 def write_backbone(state_dict: dict[str, torch.Tensor], out: Path,
                    metadata: dict[str, str] | None = None) -> None:
     """Write ``state_dict`` to ``out`` atomically: safetensors when the name ends in
@@ -116,23 +108,14 @@ def write_backbone(state_dict: dict[str, torch.Tensor], out: Path,
     state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}  # safetensors
     if out.suffix != ".safetensors":
         save_atomic(state_dict, out)
-        _respect_umask(out)
         return
     try:
         from safetensors.torch import save_file
     except ImportError:
         raise UserError(f"writing {out.name} needs safetensors: pip install safetensors "
                         "(or export to a .pth name)") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state_dict, tmp, metadata=metadata)
-        _respect_umask(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp:
+        save_file(state_dict, str(tmp), metadata=metadata)
 
 
 # --------------------------------------------------------------------------- timm model folder
@@ -207,7 +190,7 @@ def timm_folder_config(model: torch.nn.Module, info: dict, crop_pct: float,
     pretrained_cfg = {
         "input_size": [3, size, size], "fixed_input_size": fixed_size,
         "interpolation": "bicubic", "crop_pct": crop_pct, "crop_mode": "center",
-        "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "num_classes": 0, "first_conv": base.first_conv, "classifier": base.classifier,
         "custom_load": False,
         "paper_name": PAPER,
@@ -421,7 +404,7 @@ def write_folder(out: Path, texts: dict[str, str], state_dict: dict[str, torch.T
         write_backbone(state_dict, tmp / WEIGHTS_NAME, metadata)
         for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        _respect_umask(tmp, 0o777)
+        respect_umask(tmp, 0o777)
         if not out.exists():
             os.replace(tmp, out)
         elif not any(out.iterdir()):

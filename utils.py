@@ -215,10 +215,13 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _umask() -> int:
+def respect_umask(path: str | os.PathLike, mode: int = 0o666) -> None:
+    """Give ``path`` the permissions a plain ``open()`` (0666) or ``mkdir`` (0777) would get:
+    temp files and folders are created private (0600 / 0700), which would hide checkpoints
+    and exports from teammates on a shared cluster folder."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(path, mode & ~mask)
 
 
 @contextmanager
@@ -237,7 +240,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        respect_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
