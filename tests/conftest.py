@@ -23,6 +23,19 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test (and the Hub must stay offline)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Fail the run when a test leaves worker processes behind, and end them.
 

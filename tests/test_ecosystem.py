@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import sys
 import types
 
@@ -65,17 +64,6 @@ def features(model, x):
 
 
 PTH_AND_SAFETENSORS = [".pth", pytest.param(".safetensors", marks=needs("safetensors"))]
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails the test (and the hub must stay offline)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import stat
 
 import pytest
@@ -19,19 +18,12 @@ import utils
 import vision_transformer as vits
 from vision_transformer import MaSSLHead, MultiCropWrapper
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = utils.IMAGENET_MEAN, utils.IMAGENET_STD
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
+def offline(no_network):
     """Loading a local folder must never reach the network (nor the Hub's cache logic)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def fabricate_checkpoint(path, arch, patch_size, img_size, seed=0):
