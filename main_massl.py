@@ -23,15 +23,12 @@ import datetime
 import itertools
 import json
 import math
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 
 import utils
 from data import (DataAugmentationMaSSL, PretrainDataset, PretrainSampler, build_loader,
@@ -239,37 +236,6 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     utils.check_device(args.device)
 
 
-# --------------------------------------------------------------------------- signals
-
-
-class StopRequest:
-    """SIGTERM/SIGUSR1 handlers that only record the request; the loop finishes the step,
-    saves and returns. ``restore()`` puts the previous handlers back."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> bool:
-        if threading.current_thread() is not threading.main_thread():
-            return False  # Python only delivers signals to the main thread
-        for name in self.SIGNALS:
-            if hasattr(signal, name):
-                sig = getattr(signal, name)
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return True
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -293,7 +259,7 @@ def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str
 
     owns_process_group = not utils.is_dist()
     env = utils.init_distributed(device=args.device)
-    stop = StopRequest()
+    stop = utils.StopRequest()
     try:
         if install_signal_handlers and not stop.install():
             print("warning: train() not called from the main thread: SIGTERM/SIGUSR1 will not "
@@ -389,7 +355,7 @@ class RunLog:
 
 
 def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDataset,
-           stop: StopRequest) -> str:
+           stop: utils.StopRequest) -> str:
     world, B, accum = env.world_size, args.batch_size_per_gpu, args.gradient_accumulation
     check_args(args, world)  # the real world size, in case the launcher's variables lied
     steps_per_epoch = len(dataset) // world // B // accum
@@ -442,7 +408,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
 
 
 def run_epoch(trainer: MaSSLTrainer, loader: Any, sampler: PretrainSampler, start: ResumePoint,
-              stop: StopRequest, log: RunLog) -> int | None:
+              stop: utils.StopRequest, log: RunLog) -> int | None:
     """Train ``start.epoch`` from ``start``; save the checkpoint at its end, or mid-epoch when a
     stop signal arrives. Returns None, or the step in the epoch at which the run stopped."""
     args, epoch, spe = trainer.args, start.epoch, trainer.steps_per_epoch

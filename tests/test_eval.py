@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import eval_knn
 import evaluation
 import eval_linear
 import utils
