@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -167,12 +168,17 @@ def write_pre_trainer_checkpoint(ckpt: dict, path: Path, epoch_sums: dict[str, f
 
 
 def test_checkpoint_in_the_pre_trainer_layout_resumes_exactly(fmnist_folder, tmp_path):
-    """A run stopped mid-epoch whose checkpoint is rewritten in the old layout resumes to the
-    same teacher, memory and epoch losses as a run that was never stopped."""
-    flags = ["--data_path", str(fmnist_folder / "train"), "--arch", "vit_pico",
+    """A run stopped mid-epoch whose checkpoint is rewritten in the old layout resumes (with
+    --resume, into a new output folder) to the same teacher, memory and epoch losses as a run
+    that was never stopped."""
+    images = tmp_path / "images"  # 96 real images: 6 steps of 16 per epoch
+    images.mkdir()
+    for path in sorted((fmnist_folder / "train").rglob("*.png"))[::3][:96]:
+        shutil.copy(path, images / f"{path.parent.name}_{path.name}")
+    flags = ["--data_path", str(images), "--arch", "vit_pico",
              "--patch_size", "7", "--global_crops_size", "28", "--local_crops_size", "14",
              "--local_crops_number", "2", "--out_dim", "64", "--partition_size", "32",
-             "--batch_size_per_gpu", "32", "--epochs", "2", "--num_workers", "0",
+             "--batch_size_per_gpu", "16", "--epochs", "2", "--num_workers", "0",
              "--print_freq", "1", "--seed", "1", "--saveckp_freq", "0"]
     whole = tmp_path / "whole"
     main_massl.train(main_massl.build_cli_parser().parse_args(
@@ -186,7 +192,7 @@ def test_checkpoint_in_the_pre_trainer_layout_resumes_exactly(fmnist_folder, tmp
 
     def counting_step(self, micro_batches, stop_requested=False):
         calls["n"] += 1
-        return real_step(self, micro_batches, stop_requested=calls["n"] == 9 + 4)
+        return real_step(self, micro_batches, stop_requested=calls["n"] == 6 + 4)
 
     MaSSLTrainer.train_step = counting_step
     try:
@@ -196,18 +202,24 @@ def test_checkpoint_in_the_pre_trainer_layout_resumes_exactly(fmnist_folder, tmp
     new = torch.load(cut / "checkpoint.pth", weights_only=True)
     assert (new["epoch"], new["iteration"]) == (1, 4)
     meter = new["rank_states"][0]["meter"]
-    write_pre_trainer_checkpoint(new, cut / "checkpoint.pth", {
+    old_file = tmp_path / "old_layout.pth"
+    write_pre_trainer_checkpoint(new, old_file, {
         "sum_loss": meter["sums"]["loss"], "sum_massl": meter["sums"]["massl"],
         "steps": meter["count"], "time_s": 1.0, "images": meter["sums"]["images"]})
 
-    main_massl.train(args, install_signal_handlers=False)
+    # --resume FILE into a fresh --output_dir (the flag's purpose: start from a checkpoint
+    # kept elsewhere)
+    resumed = tmp_path / "resumed"
+    main_massl.train(main_massl.build_cli_parser().parse_args(
+        [*flags, "--output_dir", str(resumed), "--resume", str(old_file)]),
+        install_signal_handlers=False)
     a = torch.load(whole / "checkpoint.pth", weights_only=True)
-    b = torch.load(cut / "checkpoint.pth", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pth", weights_only=True)
     for key in a["teacher"]:
         assert torch.equal(a["teacher"][key], b["teacher"][key]), key
     assert torch.equal(a["memory"]["bank"], b["memory"]["bank"])
     logs = [[json.loads(line) for line in (d / "log.txt").read_text().splitlines()]
-            for d in (whole, cut)]
-    assert [e["epoch"] for e in logs[1]] == [1, 2]
+            for d in (whole, resumed)]
+    assert [e["epoch"] for e in logs[1]] == [2]
     for key in ("train_loss", "train_massl", "train_lr", "train_teacher_temp"):
-        assert logs[1][1][key] == pytest.approx(logs[0][1][key], rel=1e-6), key
+        assert logs[1][-1][key] == pytest.approx(logs[0][-1][key], rel=1e-6), key
