@@ -9,7 +9,9 @@ here from DINO's published description) on the same files, through a ``DataLoade
 can size ``--num_workers``: a GPU that trains at S images/s needs about S / (images/s per
 worker) workers, and as many CPU cores. The pipelines are timed in alternation, ``--rounds``
 times each, and the median is reported; the load average before and after says how busy
-the machine was (other jobs slow both pipelines, not always equally).
+the machine was (other jobs slow both pipelines, not always equally). With 0 workers it
+also reports images per CPU second of the loading process, the pipeline's own cost, which
+other jobs on the cores disturb much less than wall time.
 
 Without ``--data_path`` it writes a folder of JPEGs first: crops of scikit-image's sample
 colour photos at ImageNet's typical 500x375 when scikit-image is installed, else the shipped
@@ -176,8 +178,10 @@ def pipeline(variant: str, data_path: str, args: argparse.Namespace
 
 
 def loader_images_per_s(dataset, batch_size: int, workers: int, max_batches: int,
-                        sampler: Sampler | None = None) -> float:
-    """Images/s through a DataLoader, after its first batch (worker start-up excluded)."""
+                        sampler: Sampler | None = None) -> tuple[float, float | None]:
+    """Images per wall-clock second through a DataLoader, after its first batch (worker
+    start-up excluded), and with 0 workers images per CPU second of this process (what the
+    pipeline costs, steadier than wall time when other jobs share the cores)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=workers, drop_last=True,
                         generator=torch.Generator().manual_seed(0))
@@ -187,18 +191,18 @@ def loader_images_per_s(dataset, batch_size: int, workers: int, max_batches: int
     try:
         it = iter(loader)
         next(it)
-        n, start = 0, time.perf_counter()
+        n, start, cpu_start = 0, time.perf_counter(), time.process_time()
         for n_batches, _ in enumerate(it, start=1):
             n += batch_size
             if n_batches >= max_batches:
                 break
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         torch.set_num_threads(threads)
     if n == 0:
         raise bu.UserError(f"need at least {2 * batch_size} images for one timed batch "
                            f"(--n_images / --batch_size)")
-    return n / elapsed
+    return n / elapsed, (n / cpu if workers == 0 and cpu > 0 else None)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -269,20 +273,28 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.rounds} round(s); 0 workers = loading in the main process on 1 thread")
         pipelines = {variant: pipeline(variant, data_path, args) for variant in variants}
         rates: dict[tuple[str, int], list[float]] = {}
+        cpu_rates: dict[str, list[float]] = {}
         for _ in range(args.rounds):
             for workers in worker_counts:
                 for variant, (dataset, sampler) in pipelines.items():
-                    rates.setdefault((variant, workers), []).append(loader_images_per_s(
-                        dataset, args.batch_size, workers, args.max_batches, sampler))
+                    wall, cpu = loader_images_per_s(dataset, args.batch_size, workers,
+                                                    args.max_batches, sampler)
+                    rates.setdefault((variant, workers), []).append(wall)
+                    if cpu is not None:
+                        cpu_rates.setdefault(variant, []).append(cpu)
     print(f"load average after: {load_average()}")
 
-    print("| pipeline | workers | images/s | images/s per worker |")
-    print("|---|---|---|---|")
+    print("| pipeline | workers | images/s | images/s per worker | images per CPU s |")
+    print("|---|---|---|---|---|")
     med = {key: statistics.median(values) for key, values in rates.items()}
+    cpu_med = {key: statistics.median(values) for key, values in cpu_rates.items()}
     for (variant, workers), value in med.items():
-        print(f"| {variant} | {workers} | {value:.1f} | {value / max(workers, 1):.1f} |")
+        cpu = f"{cpu_med[variant]:.1f}" if workers == 0 else "-"
+        print(f"| {variant} | {workers} | {value:.1f} | {value / max(workers, 1):.1f} | {cpu} |")
     if set(VARIANTS) <= set(variants):
         parts = [f"{w} workers {med[('script', w)] / med[('dino', w)]:.2f}x" for w in worker_counts]
+        if cpu_med:
+            parts.append(f"per CPU second {cpu_med['script'] / cpu_med['dino']:.2f}x")
         print("ratio: script/dino images/s: " + ", ".join(parts))
     else:
         best = max(med.items(), key=lambda kv: kv[1] / max(kv[0][1], 1))

@@ -82,8 +82,9 @@ def test_bench_data_quick_on_real_images(repo_root, fmnist_folder):
     assert all(float(r.split("|")[3]) > 0 for r in rows)
     assert re.search(r"load average before: [0-9.]+ [0-9.]+ [0-9.]+ on \d+ cores",
                      line(out, "load average before:"))
-    assert re.search(r"ratio: script/dino images/s: 0 workers [0-9.]+x, 1 workers [0-9.]+x$",
-                     line(out, "ratio:"))
+    assert re.search(r"ratio: script/dino images/s: 0 workers [0-9.]+x, 1 workers [0-9.]+x, "
+                     r"per CPU second [0-9.]+x$", line(out, "ratio:"))
+    assert all(float(r.split("|")[5]) > 0 for r in rows if r.split(" | ")[1] == "0")
 
 
 def test_bench_data_generated_images_are_the_ones_timed(repo_root, monkeypatch, tmp_path):
