@@ -16,9 +16,11 @@ import signal
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.transforms import v2
+from torchvision import transforms
 
 import utils
 
@@ -40,65 +42,103 @@ def mix_seed(*values: int) -> int:
     return x
 
 
-def blur_kernel_size(crop_size: int) -> int:
-    """Odd Gaussian-blur kernel of about 10% of the crop (23 px at 224, 9 at 96, 3 at 28)."""
-    return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
+class RandomGaussianBlur:
+    """With probability ``p``, PIL's ``ImageFilter.GaussianBlur(radius=sigma)`` with sigma
+    drawn uniformly in ``sigma`` (0.1-2): the authors' (and DINO's) blur, no kernel-size cap.
+
+    Both draws come from torch's global generator (the training seeds it per image); DINO
+    draws the same distributions from Python's ``random``.
+    """
+
+    def __init__(self, p: float, sigma: tuple[float, float] = (0.1, 2.0)):
+        self.p = float(p)
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if torch.rand((), dtype=torch.float64).item() > self.p:
+            return image
+        lo, hi = self.sigma
+        sigma = lo + (hi - lo) * torch.rand((), dtype=torch.float64).item()
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p}, sigma={self.sigma})"
+
+
+class ToNormalizedTensor:
+    """PIL RGB image -> float32 ``(3, H, W)`` tensor, ``(x / 255 - mean) / std``.
+
+    Bit for bit torchvision's ``ToTensor()`` then ``Normalize(mean, std)`` (DINO's last two
+    steps): the same float32 operations in the same order, done in place on one buffer,
+    which is faster.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean_std = (tuple(mean), tuple(std))
+        # float32, as Normalize converts them
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        array = np.asarray(image, dtype=np.float32)  # a new array: uint8 values, exactly
+        if array.ndim == 2:
+            array = array[:, :, None]
+        tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return tensor.div_(255).sub_(self.mean).div_(self.std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean_std[0]}, std={self.mean_std[1]})"
 
 
 class DataAugmentationMaSSL:
     """DINO's multi-crop augmentation (docs/method.md, "Multi-crop"): an image -> [global 1, global 2, locals...].
 
     Global crops: RandomResizedCrop(``global_crops_size``, ``global_crops_scale``), flip,
-    colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, Gaussian blur (sigma 0.1-2)
-    p 1.0 (crop 1) / p 0.1 (crop 2), solarization p 0.2 (crop 2 only). Local crops: the
-    same at ``local_crops_size`` with blur p 0.5. Bicubic resizing, ImageNet normalisation.
-    Works on PIL images; all randomness comes from torch's global generator.
+    colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, Gaussian blur (PIL, sigma
+    0.1-2) p 1.0 (crop 1) / p 0.1 (crop 2), solarization p 0.2 (crop 2 only). Local crops:
+    the same at ``local_crops_size`` with blur p 0.5. Bicubic resizing, ImageNet
+    normalisation. Works on PIL images with torchvision's v1 transforms, the ones DINO uses
+    (their PIL arithmetic is v2's, with less overhead per call); all randomness comes from
+    torch's global generator.
     """
 
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
                  local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96):
-        bicubic = v2.InterpolationMode.BICUBIC
         flip_and_color_jitter = [
-            v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
-                           p=0.8),
-            v2.RandomGrayscale(p=0.2),
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply(
+                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                p=0.8),
+            transforms.RandomGrayscale(p=0.2),
         ]
-        to_normalized_tensor = [
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
-            v2.ToPureTensor(),
-        ]
+        to_tensor = ToNormalizedTensor(utils.IMAGENET_MEAN, utils.IMAGENET_STD)
 
-        def blur(size: int, p: float) -> v2.Transform:
-            return v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=p)
+        def crop(size: int, scale: Sequence[float]) -> transforms.RandomResizedCrop:
+            return transforms.RandomResizedCrop(size, scale=tuple(scale),
+                                                interpolation=transforms.InterpolationMode.BICUBIC)
 
-        self.global_transfo1 = v2.Compose([
-            v2.RandomResizedCrop(global_crops_size, scale=tuple(global_crops_scale),
-                                 interpolation=bicubic),
+        self.global_transfo1 = transforms.Compose([
+            crop(global_crops_size, global_crops_scale),
             *flip_and_color_jitter,
-            blur(global_crops_size, 1.0),
-            *to_normalized_tensor,
+            RandomGaussianBlur(p=1.0),
+            to_tensor,
         ])
-        self.global_transfo2 = v2.Compose([
-            v2.RandomResizedCrop(global_crops_size, scale=tuple(global_crops_scale),
-                                 interpolation=bicubic),
+        self.global_transfo2 = transforms.Compose([
+            crop(global_crops_size, global_crops_scale),
             *flip_and_color_jitter,
-            blur(global_crops_size, 0.1),
-            v2.RandomSolarize(threshold=128, p=0.2),
-            *to_normalized_tensor,
+            RandomGaussianBlur(p=0.1),
+            transforms.RandomSolarize(threshold=128, p=0.2),
+            to_tensor,
         ])
         self.local_crops_number = local_crops_number
-        self.local_transfo = v2.Compose([
-            v2.RandomResizedCrop(local_crops_size, scale=tuple(local_crops_scale),
-                                 interpolation=bicubic),
+        self.local_transfo = transforms.Compose([
+            crop(local_crops_size, local_crops_scale),
             *flip_and_color_jitter,
-            blur(local_crops_size, 0.5),
-            *to_normalized_tensor,
+            RandomGaussianBlur(p=0.5),
+            to_tensor,
         ])
 
-    def __call__(self, image) -> list[torch.Tensor]:
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
         crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
         return crops

@@ -525,7 +525,8 @@ def build_backbone_from_checkpoint(path: str | os.PathLike, arch: str | None = N
     arch off the width and depth of the weights. The position-embedding grid is the one
     stored in ``pos_embed`` (= training ``global_crops_size`` / patch size), so the
     weights load unchanged; the ViT resamples it on the fly for other input sizes. An
-    explicit ``img_size`` with another grid gets ``pos_embed`` resampled once, bicubically.
+    explicit ``img_size`` with another grid gets ``pos_embed`` resampled once, with DINO's
+    interpolation (``vision_transformer.interpolate_pos_embed``).
     Returns ``(model, feature_dim, info)``; ``info`` says what was used and why.
     """
     import vision_transformer as vits  # here, not at the top: utils must stay import-light
@@ -553,13 +554,10 @@ def build_backbone_from_checkpoint(path: str | os.PathLike, arch: str | None = N
         if img_size is None:
             img_size = int(trained_img_size or 224)
         elif grid and img_size // patch_size != grid:
-            from timm.layers import resample_abs_pos_embed
-
             new_grid = img_size // patch_size
             state_dict = dict(state_dict)
-            state_dict["pos_embed"] = resample_abs_pos_embed(
-                state_dict["pos_embed"], new_size=[new_grid, new_grid], old_size=[grid, grid],
-                num_prefix_tokens=1)
+            state_dict["pos_embed"] = vits.interpolate_pos_embed(  # DINO's, as in training
+                state_dict["pos_embed"], (new_grid, new_grid))
             notes.append(f"pos_embed resampled from {grid}x{grid} to {new_grid}x{new_grid}")
     try:
         model, feature_dim = vits.build_backbone(arch, patch_size or 16, img_size=img_size or 224)

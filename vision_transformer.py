@@ -1,23 +1,40 @@
 """ViT backbones, the MaSSL projection head and the multi-crop wrapper.
 
-The backbone is timm's ``VisionTransformer`` (SDPA attention, drop-path, dynamic
-position-embedding interpolation), configured so that its state-dict keys are exactly
-those of DINO's and timm's ViT: a backbone trained here loads with ``strict=True`` into
-``timm.create_model("vit_small_patch16_224", num_classes=0)``. On top of timm we add the
-two DINO interfaces evaluation code relies on: ``get_intermediate_layers`` (normed
-outputs of the last blocks, CLS token included) and ``get_last_selfattention``.
+The backbone is timm's ``VisionTransformer`` (SDPA attention, drop-path, any input size),
+configured so that its state-dict keys are exactly those of DINO's and timm's ViT: a
+backbone trained here loads with ``strict=True`` into
+``timm.create_model("vit_small_patch16_224", num_classes=0)``. Two things are DINO's (and
+so the authors') rather than timm's, so that the network trained here is theirs at every
+crop size:
+
+* position embeddings for another input grid (96 px local crops, evaluation sizes,
+  attention maps) come from DINO's ``interpolate_pos_encoding`` (``interpolate_pos_embed``
+  below), not from timm's ``resample_abs_pos_embed`` (exact size, antialiased). At the
+  native size (``img_size``) both use ``pos_embed`` unchanged, so an exported backbone
+  gives the same features in timm there; at other sizes timm's embedding, and so its
+  features, differ slightly from the network that was trained;
+* initialisation: trunc-normal std 0.02 for ``pos_embed``, ``cls_token`` and every Linear
+  weight, zero biases, LayerNorm 1/0, PyTorch's default Conv2d init for the patch embedding
+  (timm draws ``cls_token`` with std 1e-6).
+
+On top of timm we add the two DINO interfaces evaluation code relies on:
+``get_intermediate_layers`` (normed outputs of the last blocks, CLS token included) and
+``get_last_selfattention``.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 
 __all__ = [
+    "interpolate_pos_embed",
     "VisionTransformer",
     "vit_pico",
     "vit_nano",
@@ -32,19 +49,90 @@ __all__ = [
 ]
 
 
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
+                          num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Position embeddings for a ``grid`` = (rows, columns) of patches, as DINO computes them.
+
+    ``pos_embed`` is ``(1, num_prefix_tokens + n * n, D)``: the prefix (CLS) embeddings, kept
+    as they are, then an n x n grid, returned unchanged when ``grid`` is (n, n) and otherwise
+    resized bicubically (no antialias, ``align_corners=False``) with the scale factors
+    ``((rows + 0.1) / n, (columns + 0.1) / n)``. The factor, not the output size, sets where
+    the new grid samples the old one, so the result is not timm's exact-size resampling.
+    (DINO calls the input's height ``w``; its first factor scales the rows all the same.)
+    """
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    n = math.isqrt(patches.shape[1])
+    if n * n != patches.shape[1]:
+        raise ValueError(f"pos_embed holds {patches.shape[1]} patch positions, not a square grid")
+    rows, cols = int(grid[0]), int(grid[1])
+    if (rows, cols) == (n, n):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    resized = F.interpolate(patches.reshape(1, n, n, dim).permute(0, 3, 1, 2),
+                            scale_factor=((rows + 0.1) / n, (cols + 0.1) / n), mode="bicubic",
+                            align_corners=False)
+    if tuple(resized.shape[-2:]) != (rows, cols):  # DINO asserts the same
+        raise RuntimeError(f"interpolated grid {tuple(resized.shape[-2:])} != {(rows, cols)}")
+    return torch.cat((prefix, resized.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)), dim=1)
+
+
+def init_linear_and_norm(m: nn.Module) -> None:
+    """DINO's per-module init: Linear weight trunc-normal std 0.02 and bias 0, LayerNorm 1/0."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class VisionTransformer(_TimmViT):
     """timm's ViT returning the final-normed CLS token, at any input resolution.
 
     ``img_size`` only fixes the size of the learned position-embedding grid; inputs of
-    other sizes (96 px local crops, 480 px evaluation images) get the grid resampled
-    bicubically on the fly.
+    other sizes (96 px local crops, 480 px evaluation images) get DINO's interpolation of
+    that grid (``interpolate_pos_embed``), computed on the fly. Initialised as DINO's ViT.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, **kwargs):
         kwargs.setdefault("num_classes", 0)
         kwargs.setdefault("global_pool", "token")
         kwargs.setdefault("qkv_bias", True)
+        # dynamic_img_size: timm's patch embedding accepts any multiple of the patch size and
+        # keeps the (rows, columns) grid for _pos_embed.
         super().__init__(img_size=img_size, patch_size=patch_size, dynamic_img_size=True, **kwargs)
+
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        """DINO's initialisation (timm's __init__ calls this in place of its own).
+
+        trunc-normal std 0.02 (cut at +-2, i.e. never in practice) for ``pos_embed``,
+        ``cls_token`` and every Linear weight, zero Linear biases, LayerNorm weight 1 and
+        bias 0, PyTorch's default init for the patch-embedding Conv2d. ``trunc_normal_`` is
+        timm's, the function DINO's code copies.
+        """
+        # (Checked here: timm's __init__ calls this before returning to ours.)
+        if self.cls_token is None or self.reg_token is not None or self.no_embed_class:
+            raise ValueError("VisionTransformer needs a CLS token, no register tokens and "
+                             "position embeddings that include the CLS token (as DINO's ViT)")
+        mode = mode or getattr(self, "weight_init_mode", "")  # timm's weight_init argument
+        if mode:
+            raise ValueError(f"VisionTransformer uses DINO's initialisation only, not '{mode}'")
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_linear_and_norm)
+        self.patch_embed.proj.reset_parameters()
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS token + patch tokens ``(B, rows, cols, D)``, plus DINO-interpolated embeddings.
+
+        DINO keeps ``pos_embed`` when the input is square with the native patch count; timm's
+        patch embedding only takes multiples of the patch size, so that is the native grid.
+        """
+        B, rows, cols, D = x.shape
+        pos_embed = interpolate_pos_embed(self.pos_embed, (rows, cols), self.num_prefix_tokens)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x.reshape(B, rows * cols, D)), dim=1)
+        return self.pos_drop(x + pos_embed)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding + CLS token + (resampled) position embedding."""
@@ -165,13 +253,7 @@ class MaSSLHead(nn.Module):
             dim = hidden_dim
         layers.append(nn.Linear(dim, out_dim))
         self.mlp = nn.Sequential(*layers)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)  # as DINO's head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.mlp(x), dim=-1)

@@ -1,16 +1,17 @@
-"""Benchmark: multi-crop data loading, images/s per DataLoader worker.
+"""Benchmark: multi-crop data loading, images/s per DataLoader worker, ours against DINO's.
 
-Runs the training script's own pipeline -- ``data.build_pretrain_dataset`` with
-``data.DataAugmentationMaSSL`` (PIL decoding, torchvision transforms v2 on PIL images,
-2 global + 10 local crops) -- through a ``DataLoader`` with 0, 1, 2, ... workers, and prints
-images/s and images/s per worker, so you can size ``--num_workers``: a GPU that trains at
-S images/s needs about S / (images/s per worker) workers, and as many CPU cores.
-
-It times the pipeline twice, with every Gaussian blur done by torchvision's ``GaussianBlur``
-(a kernel of about 10% of the crop) and by PIL's ``ImageFilter.GaussianBlur`` (radius =
-sigma, as DINO and the authors' code blur): the blur is the one transform whose torchvision
-version is much slower than PIL's on PIL images. ``--variants script`` times the training
-script's augmentation as it is.
+Runs the training script's own pipeline (``script``) -- ``data.build_pretrain_dataset`` with
+``data.DataAugmentationMaSSL`` and the training sampler ``data.PretrainSampler`` (per-image
+seeded augmentations), 2 global + 10 local crops -- side by side with DINO's augmentation
+(``dino``: torchvision v1 transforms on PIL images with PIL's blur and solarization, written
+here from DINO's published description) on the same files, through a ``DataLoader`` with 0,
+1, 2, ... workers. It prints images/s, images/s per worker and the ratio ours/DINO, so you
+can size ``--num_workers``: a GPU that trains at S images/s needs about S / (images/s per
+worker) workers, and as many CPU cores. The pipelines are timed in alternation, ``--rounds``
+times each, and the median is reported; the load average before and after says how busy
+the machine was (other jobs slow both pipelines, not always equally). With 0 workers it
+also reports images per CPU second of the loading process, the pipeline's own cost, which
+other jobs on the cores disturb much less than wall time.
 
 Without ``--data_path`` it writes a folder of JPEGs first: crops of scikit-image's sample
 colour photos at ImageNet's typical 500x375 when scikit-image is installed, else the shipped
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -32,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader
-from torchvision.transforms import v2
+from PIL import Image, ImageFilter, ImageOps
+from torch.utils.data import DataLoader, Sampler
+from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402  (also puts the repo root on sys.path)
@@ -46,62 +48,70 @@ QUICK = dict(n_images=24, image_size=(64, 48), global_size=32, local_size=16,
              local_crops_number=2, batch_size=4, workers="0,1", rounds=1)
 
 
-class PILGaussianBlur:
-    """Gaussian blur by PIL (``ImageFilter.GaussianBlur``, radius = standard deviation),
-    sigma drawn uniformly from ``sigma`` with torch's generator (the training script seeds
-    every augmentation through it)."""
+class DinoGaussianBlur:
+    """DINO's blur step: with probability ``p`` (drawn with Python's ``random``, as DINO does),
+    PIL's ``ImageFilter.GaussianBlur`` with a radius drawn uniformly in [0.1, 2]."""
 
-    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
-        self.sigma = (float(sigma[0]), float(sigma[1]))
+    def __init__(self, p: float):
+        self.p = p
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        sigma = torch.empty(()).uniform_(self.sigma[0], self.sigma[1]).item()
-        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
-
-    def __repr__(self) -> str:
-        return f"PILGaussianBlur(sigma={self.sigma})"
+        if random.random() > self.p:
+            return image
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
 
 
-def torchvision_kernel_size(crop_size: int) -> int:
-    """Odd kernel of about 10% of the crop (23 px at 224, 9 at 96), for torchvision's blur."""
-    return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
+class DinoSolarization:
+    """DINO's solarization step: ``ImageOps.solarize`` (threshold 128) with probability ``p``."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return ImageOps.solarize(image) if random.random() < self.p else image
 
 
-def _blur_steps(augmentation) -> list[tuple[list, int, str]]:
-    """(transform list, index, which crop) of every RandomApply wrapping a Gaussian blur."""
-    found = []
-    for name in ("global_transfo1", "global_transfo2", "local_transfo"):
-        steps = getattr(augmentation, name).transforms
-        for i, step in enumerate(steps):
-            inner = getattr(step, "transforms", None)
-            if (isinstance(step, v2.RandomApply) and inner
-                    and type(inner[0]).__name__.endswith("GaussianBlur")):
-                found.append((steps, i, name))
-    return found
+class DataAugmentationDINO:
+    """DINO's multi-crop augmentation as its paper and code describe it (torchvision v1
+    transforms on PIL images, PIL blur and solarization): the baseline ``dino`` pipeline.
 
+    Each crop: RandomResizedCrop (bicubic), horizontal flip, colour jitter (0.4, 0.4, 0.2,
+    0.1) p 0.8, grayscale p 0.2, Gaussian blur p 1.0 / 0.1 / 0.5 (global 1 / global 2 /
+    local), solarization p 0.2 (global 2), ToTensor, Normalize (ImageNet mean and std).
+    """
 
-def blur_kind(augmentation) -> str:
-    """``torchvision`` or ``pil``: how the augmentation's Gaussian blurs are computed."""
-    kinds = {"torchvision" if isinstance(steps[i].transforms[0], v2.GaussianBlur) else "pil"
-             for steps, i, _ in _blur_steps(augmentation)}
-    return "/".join(sorted(kinds)) or "none"
+    def __init__(self, global_crops_scale: tuple[float, float],
+                 local_crops_scale: tuple[float, float], local_crops_number: int,
+                 global_size: int = 224, local_size: int = 96):
+        bicubic = transforms.InterpolationMode.BICUBIC
+        flip_and_color_jitter = transforms.Compose([
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+        ])
+        normalize = transforms.Compose([
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ])
 
+        def crop(size: int, scale: tuple[float, float]) -> transforms.RandomResizedCrop:
+            return transforms.RandomResizedCrop(size, scale=scale, interpolation=bicubic)
 
-def set_blur(augmentation, kind: str, global_size: int, local_size: int) -> int:
-    """Make every Gaussian blur of the augmentation a ``kind`` one (``pil`` or
-    ``torchvision``), keeping its probability and sigma range (0.1-2 in the paper); returns
-    how many blurs there were."""
-    blurs = _blur_steps(augmentation)
-    for steps, i, name in blurs:
-        old = steps[i].transforms[0]
-        sigma = tuple(old.sigma) if hasattr(old, "sigma") else (old.sigma_min, old.sigma_max)
-        if kind == "pil":
-            new = PILGaussianBlur(sigma)
-        else:
-            size = local_size if name == "local_transfo" else global_size
-            new = v2.GaussianBlur(torchvision_kernel_size(size), sigma=sigma)
-        steps[i] = v2.RandomApply([new], p=steps[i].p)
-    return len(blurs)
+        self.global_transfo1 = transforms.Compose([
+            crop(global_size, global_crops_scale), flip_and_color_jitter, DinoGaussianBlur(1.0),
+            normalize])
+        self.global_transfo2 = transforms.Compose([
+            crop(global_size, global_crops_scale), flip_and_color_jitter, DinoGaussianBlur(0.1),
+            DinoSolarization(0.2), normalize])
+        self.local_crops_number = local_crops_number
+        self.local_transfo = transforms.Compose([
+            crop(local_size, local_crops_scale), flip_and_color_jitter, DinoGaussianBlur(0.5),
+            normalize])
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
+        return crops
 
 
 def _skimage_photos() -> list[np.ndarray] | None:
@@ -125,10 +135,12 @@ def write_test_images(out_dir: Path, n_images: int, size: tuple[int, int], sourc
         source = f"scikit-image sample colour photos ({len(photos)}), random crops"
     else:
         from fashion_mnist import EMBEDDED_DIR, write_imagefolder
-        folder = write_imagefolder(out_dir / "_fmnist", source=EMBEDDED_DIR,
-                                   train_per_class=max(1, n_images // 10), val_per_class=1)
-        files = sorted((folder / "train").rglob("*.png"))
-        photos = [np.array(Image.open(f).convert("RGB")) for f in files]
+        # In a folder of its own: PNGs left next to the JPEGs would be timed instead of them.
+        with tempfile.TemporaryDirectory(prefix="massl_fmnist_") as tmp:
+            folder = write_imagefolder(Path(tmp), source=EMBEDDED_DIR,
+                                       train_per_class=max(1, n_images // 10), val_per_class=1)
+            files = sorted((folder / "train").rglob("*.png"))
+            photos = [np.array(Image.open(f).convert("RGB")) for f in files]
         source = "Fashion-MNIST 28x28 grey images upscaled" + (
             " (scikit-image not installed)" if source == "auto" else "")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,28 +156,53 @@ def write_test_images(out_dir: Path, n_images: int, size: tuple[int, int], sourc
     return f"{n_images} JPEGs {size[0]}x{size[1]} (quality 90) from {source}"
 
 
-def loader_images_per_s(dataset, batch_size: int, workers: int, max_batches: int) -> float:
-    """Images/s through a DataLoader, after its first batch (worker start-up excluded)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        drop_last=True, generator=torch.Generator().manual_seed(0))
+VARIANTS = ("script", "dino")
+
+
+def pipeline(variant: str, data_path: str, args: argparse.Namespace
+             ) -> tuple[data.PretrainDataset, Sampler | None]:
+    """The dataset and sampler of a pipeline: ``script`` is the training script's (seeded
+    ``(seed, index)`` keys from ``PretrainSampler``), ``dino`` DINO's (plain shuffled indices)."""
+    sizes = (args.global_size, args.local_size)
+    if variant == "dino":
+        augmentation = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), args.local_crops_number,
+                                            *sizes)
+        return data.build_pretrain_dataset(data_path, augmentation), None
+    augmentation = data.DataAugmentationMaSSL((0.32, 1.0), (0.05, 0.32), args.local_crops_number,
+                                              *sizes)
+    dataset = data.build_pretrain_dataset(data_path, augmentation)
+    whole = len(dataset) // args.batch_size * args.batch_size
+    sampler = data.PretrainSampler(dataset, num_replicas=1, rank=0, seed=0,
+                                   samples_per_epoch=whole, step_samples=args.batch_size)
+    return dataset, sampler
+
+
+def loader_images_per_s(dataset, batch_size: int, workers: int, max_batches: int,
+                        sampler: Sampler | None = None) -> tuple[float, float | None]:
+    """Images per wall-clock second through a DataLoader, after its first batch (worker
+    start-up excluded), and with 0 workers images per CPU second of this process (what the
+    pipeline costs, steadier than wall time when other jobs share the cores)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=workers, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
     if workers == 0:
         torch.set_num_threads(1)  # what each worker process gets: one core's figure
     try:
         it = iter(loader)
         next(it)
-        n, start = 0, time.perf_counter()
+        n, start, cpu_start = 0, time.perf_counter(), time.process_time()
         for n_batches, _ in enumerate(it, start=1):
             n += batch_size
             if n_batches >= max_batches:
                 break
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         torch.set_num_threads(threads)
     if n == 0:
         raise bu.UserError(f"need at least {2 * batch_size} images for one timed batch "
                            f"(--n_images / --batch_size)")
-    return n / elapsed
+    return n / elapsed, (n / cpu if workers == 0 and cpu > 0 else None)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -195,10 +232,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="timed batches per measurement at most (default 12)")
     p.add_argument("--rounds", type=int, default=3,
                    help="measurements per setting, round-robin; the median is reported")
-    p.add_argument("--variants", default="torchvision_blur,pil_blur",
-                   help="comma-separated pipelines: torchvision_blur / pil_blur (the training "
-                        "script's augmentation with every Gaussian blur done by torchvision's "
-                        "GaussianBlur / by PIL's ImageFilter), script (as the script has it)")
+    p.add_argument("--variants", default="script,dino",
+                   help="comma-separated pipelines to time: script (the training script's "
+                        "augmentation and sampler), dino (DINO's torchvision-v1/PIL pipeline)")
     p.add_argument("--quick", action="store_true",
                    help="a few tiny images and crops: checks the script runs, measures nothing")
     return p
@@ -217,14 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         raise bu.UserError(f"--workers must be comma-separated integers, got '{args.workers}'")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - {"script", "pil_blur", "torchvision_blur"}
-    if unknown or not variants:
-        raise bu.UserError("--variants takes torchvision_blur, pil_blur and/or script, got "
-                           f"'{args.variants}'")
+    if set(variants) - set(VARIANTS) or not variants:
+        raise bu.UserError(f"--variants takes {' and/or '.join(VARIANTS)}, got '{args.variants}'")
     if any(w < 0 for w in worker_counts) or min(args.batch_size, args.max_batches, args.rounds) < 1:
         raise bu.UserError("--workers must be >= 0; --batch_size, --max_batches, --rounds >= 1")
 
     print(bu.describe_device(torch.device("cpu")) + f" | Pillow {Image.__version__}")
+    print(f"load average before: {load_average()}")
     with tempfile.TemporaryDirectory(prefix="massl_bench_data_") as tmp:
         if args.data_path:
             data_path, source = args.data_path, f"images in {args.data_path}"
@@ -236,37 +271,43 @@ def main(argv: list[str] | None = None) -> None:
         print(f"crops: 2x{args.global_size} + {args.local_crops_number}x{args.local_size}, "
               f"batch {args.batch_size}, up to {args.max_batches} timed batches after the first, "
               f"{args.rounds} round(s); 0 workers = loading in the main process on 1 thread")
-        datasets = {}
-        for variant in variants:
-            augmentation = data.DataAugmentationMaSSL(
-                (0.32, 1.0), (0.05, 0.32), args.local_crops_number, args.global_size,
-                args.local_size)
-            if variant == "script":
-                print(f"script: data.DataAugmentationMaSSL blurs with "
-                      f"{blur_kind(augmentation)}")
-            else:
-                set_blur(augmentation, variant.split("_")[0], args.global_size, args.local_size)
-            datasets[variant] = data.build_pretrain_dataset(data_path, augmentation)
+        pipelines = {variant: pipeline(variant, data_path, args) for variant in variants}
         rates: dict[tuple[str, int], list[float]] = {}
+        cpu_rates: dict[str, list[float]] = {}
         for _ in range(args.rounds):
             for workers in worker_counts:
-                for variant, dataset in datasets.items():
-                    rates.setdefault((variant, workers), []).append(loader_images_per_s(
-                        dataset, args.batch_size, workers, args.max_batches))
+                for variant, (dataset, sampler) in pipelines.items():
+                    wall, cpu = loader_images_per_s(dataset, args.batch_size, workers,
+                                                    args.max_batches, sampler)
+                    rates.setdefault((variant, workers), []).append(wall)
+                    if cpu is not None:
+                        cpu_rates.setdefault(variant, []).append(cpu)
+    print(f"load average after: {load_average()}")
 
-    print("| pipeline | workers | images/s | images/s per worker |")
-    print("|---|---|---|---|")
+    print("| pipeline | workers | images/s | images/s per worker | images per CPU s |")
+    print("|---|---|---|---|---|")
     med = {key: statistics.median(values) for key, values in rates.items()}
+    cpu_med = {key: statistics.median(values) for key, values in cpu_rates.items()}
     for (variant, workers), value in med.items():
-        print(f"| {variant} | {workers} | {value:.1f} | {value / max(workers, 1):.1f} |")
-    if "torchvision_blur" in datasets and "pil_blur" in datasets:
-        parts = [f"{w} workers {med[('pil_blur', w)] / med[('torchvision_blur', w)]:.2f}x"
-                 for w in worker_counts]
-        print("ratio: pil_blur/torchvision_blur images/s: " + ", ".join(parts))
+        cpu = f"{cpu_med[variant]:.1f}" if workers == 0 else "-"
+        print(f"| {variant} | {workers} | {value:.1f} | {value / max(workers, 1):.1f} | {cpu} |")
+    if set(VARIANTS) <= set(variants):
+        parts = [f"{w} workers {med[('script', w)] / med[('dino', w)]:.2f}x" for w in worker_counts]
+        if cpu_med:
+            parts.append(f"per CPU second {cpu_med['script'] / cpu_med['dino']:.2f}x")
+        print("ratio: script/dino images/s: " + ", ".join(parts))
     else:
         best = max(med.items(), key=lambda kv: kv[1] / max(kv[0][1], 1))
         print(f"ratio: best images/s per worker {best[1] / max(best[0][1], 1):.1f} "
               f"({best[0][0]}, {best[0][1]} workers)")
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (how many cores other jobs kept busy), if known."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

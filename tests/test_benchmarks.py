@@ -75,48 +75,40 @@ def test_bench_step_compare_alternates_variants(repo_root):
 
 def test_bench_data_quick_on_real_images(repo_root, fmnist_folder):
     out = run_script(repo_root, "benchmarks/bench_data.py", "--quick", "--workers", "0,1",
-                     "--variants", "torchvision_blur,pil_blur,script",
                      "--data_path", fmnist_folder / "train").stdout
-    rows = [x for x in out.splitlines()
-            if re.match(r"\| (script|pil_blur|torchvision_blur) \| \d", x)]
-    assert len(rows) == 6, out
+    rows = [x for x in out.splitlines() if re.match(r"\| (script|dino) \| \d", x)]
+    assert [r.split(" | ")[:2] for r in rows] == [["| script", "0"], ["| dino", "0"],
+                                                  ["| script", "1"], ["| dino", "1"]], out
     assert all(float(r.split("|")[3]) > 0 for r in rows)
-    assert re.search(r"script: data.DataAugmentationMaSSL blurs with (pil|torchvision)$",
-                     line(out, "script:"))
-    assert re.search(r"ratio: pil_blur/torchvision_blur images/s: 0 workers [0-9.]+x, "
-                     r"1 workers [0-9.]+x", line(out, "ratio:"))
+    assert re.search(r"load average before: [0-9.]+ [0-9.]+ [0-9.]+ on \d+ cores",
+                     line(out, "load average before:"))
+    assert re.search(r"ratio: script/dino images/s: 0 workers [0-9.]+x, 1 workers [0-9.]+x, "
+                     r"per CPU second [0-9.]+x$", line(out, "ratio:"))
+    assert all(float(r.split("|")[5]) > 0 for r in rows if r.split(" | ")[1] == "0")
 
 
-def test_blur_swaps_keep_probabilities_sigma_and_seeding(repo_root, fmnist_folder, monkeypatch):
+def test_bench_data_generated_images_are_the_ones_timed(repo_root, monkeypatch, tmp_path):
+    # The Fashion-MNIST fallback must not leave its PNGs next to the JPEGs (they would be
+    # read as a class folder and timed instead).
     monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
-    from torchvision.transforms import v2
+    from bench_data import write_test_images
 
     import data
+    write_test_images(tmp_path, 5, (40, 30), source="fashion_mnist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"img_{i:05d}.jpg" for i in range(5)]
+    dataset = data.build_pretrain_dataset(str(tmp_path), None)
+    assert [dataset[i][0].size for i in range(3)] == [(30, 40), (40, 30), (40, 30)]
+
+
+def test_bench_dino_pipeline_makes_the_multicrop_tensors(repo_root, fmnist_folder, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    from bench_data import DataAugmentationDINO
+
     import utils
-    from bench_data import PILGaussianBlur, blur_kind, set_blur
-
-    def blurs(aug):
-        return [(t.p, t.transforms[0]) for name in ("global_transfo1", "global_transfo2",
-                                                    "local_transfo")
-                for t in getattr(aug, name).transforms
-                if isinstance(t, v2.RandomApply)
-                and type(t.transforms[0]).__name__.endswith("GaussianBlur")]
-
-    aug = data.DataAugmentationMaSSL((0.32, 1.0), (0.05, 0.32), 2, 32, 16)
-    assert [p for p, _ in blurs(aug)] == [1.0, 0.1, 0.5]  # spec step 1
-    assert set_blur(aug, "torchvision", 32, 16) == 3 and blur_kind(aug) == "torchvision"
-    assert [(p, b.kernel_size, tuple(b.sigma)) for p, b in blurs(aug)] == [
-        (1.0, (3, 3), (0.1, 2.0)), (0.1, (3, 3), (0.1, 2.0)), (0.5, (3, 3), (0.1, 2.0))]
-    assert set_blur(aug, "pil", 32, 16) == 3 and blur_kind(aug) == "pil"
-    assert [(p, type(b), b.sigma) for p, b in blurs(aug)] == [
-        (p, PILGaussianBlur, (0.1, 2.0)) for p in (1.0, 0.1, 0.5)]
     image = utils.load_rgb_image(str(next((fmnist_folder / "train").rglob("*.png"))))
-    torch.manual_seed(0)
-    first = aug(image)
-    torch.manual_seed(0)
-    second = aug(image)
-    assert len(first) == 4 and first[0].shape == (3, 32, 32) and first[2].shape == (3, 16, 16)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))  # seeded by torch's RNG
+    crops = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, 32, 16)(image)
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert all(c.dtype == torch.float32 for c in crops)
 
 
 @pytest.mark.parametrize("script,argv,message", [

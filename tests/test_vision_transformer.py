@@ -44,6 +44,14 @@ def test_interpolated_pos_embed_differs_from_native():
     assert tokens.shape == (1, 1 + 36, 192)
 
 
+def test_unsupported_token_layouts_are_refused():
+    # DINO's interpolation keeps exactly one prefix (CLS) embedding in front of the grid.
+    for kwargs in ({"reg_tokens": 2}, {"class_token": False, "global_pool": "avg"},
+                   {"no_embed_class": True}):
+        with pytest.raises(ValueError, match="CLS token"):
+            vits.vit_pico(patch_size=4, img_size=28, **kwargs)
+
+
 def test_attention_map_shape_and_rows_sum_to_one():
     model = vits.vit_nano(patch_size=8, img_size=64).eval()
     with torch.no_grad():
