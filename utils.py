@@ -74,6 +74,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    forced_group: bool = False  # MASSL_FORCE_DDP=1: a process group even for one process
 
     @property
     def is_main(self) -> bool:
@@ -81,7 +82,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group is running: DDP, all-reduces and gathers are in use."""
+        return self.world_size > 1 or self.forced_group
 
 
 def _env_int(*names: str) -> int | None:
@@ -99,9 +101,12 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     ``MASTER_PORT`` must then be set, as ``run_with_submitit.py`` does). A plain
     ``python script.py`` is one process with no process group and needs no free port.
     ``device`` defaults to CUDA when available (one GPU per local rank), else CPU; the
-    backend to NCCL on CUDA and gloo on CPU.
+    backend to NCCL on CUDA and gloo on CPU. ``MASSL_FORCE_DDP=1`` (with a launcher, e.g.
+    ``torchrun --nproc-per-node=1``) creates the process group for one process too, so one
+    GPU or CPU runs the multi-process code path (DDP, ``no_sync``, collectives): for tests.
     """
     world_size = world_size_from_env()
+    forced = os.environ.get("MASSL_FORCE_DDP", "") == "1"
     rank = rank_from_env()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     if device is None:
@@ -110,14 +115,16 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or forced) and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise UserError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: "
+            why = "WORLD_SIZE > 1" if world_size > 1 else "MASSL_FORCE_DDP=1"
+            raise UserError(f"{why} but MASTER_ADDR/MASTER_PORT are not set: "
                             "launch with torchrun or run_with_submitit.py")
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
+                   forced_group=forced and dist.is_initialized())
 
 
 def world_size_from_env() -> int:

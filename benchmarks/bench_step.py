@@ -12,12 +12,17 @@ optimizer and elementwise work are not counted, as usual for MFU). The peak is a
 matmul in the step's compute dtype, measured in the same process before and after the timed
 steps (the better of the two); MFU is achieved FLOP/s over that peak.
 
-``--compare KNOB`` times the variants of one setting (precision, sdpa, compile, fused_adamw)
-from the same initial weights, alternating them step by step, so that on a shared machine a
-burst of load slows every variant alike.
+``--compare KNOB`` times the variants of one setting (precision, sdpa, compile, fused_adamw,
+formulation) from the same initial weights, alternating them step by step, so that on a shared
+machine a burst of load slows every variant alike. ``--compare formulation`` times the same
+step in the authors' formulation -- explicit softmax(QK^T)V attention instead of SDPA, and the
+naive loss of ``bench_loss.py`` run inside the step's autocast, so its ``(V*B) x K`` logits are
+16-bit as in their code -- against ours; its ``ratio:`` line is our images/s over theirs.
 
-    python benchmarks/bench_step.py                   # GPU: the ViT-S/16 reference step
-    python benchmarks/bench_step.py --arch vit_base --batch_size 32   # the ViT-B/16 reference step
+    python benchmarks/bench_step.py                   # GPU: the ViT-S/16 reference step (bf16)
+    python benchmarks/bench_step.py --arch vit_base   # ViT-B/16, batch 64 (--batch_size 32: the
+                                                      # authors' per-GPU batch)
+    python benchmarks/bench_step.py --compare formulation   # ours vs the authors' formulation
     python benchmarks/bench_step.py --compare precision   # fp32 vs fp16 vs bf16 (also: sdpa,
                                                           # compile, fused_adamw)
 """
@@ -37,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402  (also puts the repo root on sys.path)
 import main_massl  # noqa: E402
+from bench_loss import naive_massl_loss  # noqa: E402
 import utils  # noqa: E402
 from massl_loss import MaSSLLoss  # noqa: E402
 from memory import MemoryBank  # noqa: E402
@@ -128,6 +134,23 @@ def measure_peak_flops(device: torch.device, amp_dtype: torch.dtype | None, n: i
     return 2 * n ** 3 / min(times), f"{str(dtype).replace('torch.', '')} {n}x{n} matmul{note}"
 
 
+class AuthorsLoss(nn.Module):
+    """``MaSSLLoss``'s interface over ``bench_loss.naive_massl_loss``: the loss as the authors'
+    code computes it. The trainer calls its criterion inside the step's autocast, so here the
+    logits matmuls run in bf16/fp16 (16-bit ``(V*B) x K`` logits, as in their code); ours
+    computes them in float32."""
+
+    def __init__(self, block_size: int, student_temp: float):
+        super().__init__()
+        self.block_size, self.student_temp = block_size, student_temp
+
+    def forward(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor,
+                memory_features: torch.Tensor, teacher_temp: float,
+                perm: torch.Tensor | None = None) -> torch.Tensor:
+        return naive_massl_loss(student_emb, teacher_emb, memory_features, self.block_size,
+                                self.student_temp, teacher_temp, perm=perm)
+
+
 # --------------------------------------------------------------------------- set-up
 
 COMPARE = {  # knob -> values compared, first is the baseline
@@ -135,7 +158,18 @@ COMPARE = {  # knob -> values compared, first is the baseline
     "sdpa": [False, True],
     "compile": [False, True],
     "fused_adamw": [False, True],
+    "formulation": ["authors", "ours"],
 }
+
+
+def compared_variant(base: dict, knob: str, value: object) -> dict:
+    """``base`` with ``knob`` set to ``value``. The authors' formulation is explicit attention
+    and the naive loss, never compiled (compiling explicit attention would fuse it, which
+    their code does not do); precision and AdamW stay the base's."""
+    variant = {**base, knob: value}
+    if knob == "formulation" and value == "authors":
+        variant.update(sdpa=False, compile=False)
+    return variant
 
 
 def training_args(opts: argparse.Namespace, precision: str, compile: bool) -> argparse.Namespace:
@@ -167,7 +201,23 @@ def build_trainer(opts: argparse.Namespace, device: torch.device, variant: dict
     if variant["fused_adamw"] != (device.type == "cuda"):  # the trainer fuses on CUDA
         trainer.optimizer = torch.optim.AdamW(get_params_groups(trainer.student), lr=0.0,
                                               weight_decay=0.0, fused=variant["fused_adamw"])
+    if variant["formulation"] == "authors":
+        trainer.criterion = AuthorsLoss(args.partition_size, args.student_temp)
     return trainer
+
+
+def state_bytes(trainer: MaSSLTrainer) -> int:
+    """Bytes a trainer holds on its device between steps: student and teacher weights and
+    buffers, optimizer state, memory bank (gradients are freed after each step). Each
+    storage is counted once."""
+    tensors = itertools.chain(
+        trainer.student.state_dict().values(), trainer.teacher.state_dict().values(),
+        trainer.memory.state_dict().values(),
+        (v for state in trainer.optimizer.state.values() for v in state.values()
+         if torch.is_tensor(v)))
+    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+              if t.device.type == trainer.device.type}
+    return sum(unique.values())
 
 
 def random_crops(opts: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
@@ -191,9 +241,13 @@ def make_step(trainer: MaSSLTrainer, crops: list[torch.Tensor], sdpa: bool,
 
 
 def variant_name(v: dict) -> str:
-    return (f"{v['precision']}, SDPA {'on' if v['sdpa'] else 'off'}, compile "
+    name = (f"{v['precision']}, SDPA {'on' if v['sdpa'] else 'off'}, compile "
             f"{'on' if v['compile'] else 'off'}, {'fused' if v['fused_adamw'] else 'foreach'} "
             "AdamW")
+    if v["formulation"] == "authors":
+        logits = "fp32" if v["precision"] == "fp32" else "16-bit"
+        name += f", authors' naive loss ({logits} logits)"
+    return name
 
 
 # --------------------------------------------------------------------------- measurement
@@ -204,26 +258,33 @@ def run(opts: argparse.Namespace) -> dict:
     device = bu.resolve_device(opts.device)
     rss_base = bu.peak_rss_bytes() if device.type == "cpu" else 0
     base = {"precision": opts.precision, "sdpa": opts.sdpa, "compile": opts.compile,
-            "fused_adamw": device.type == "cuda" if opts.fused_adamw is None else opts.fused_adamw}
+            "fused_adamw": device.type == "cuda" if opts.fused_adamw is None else opts.fused_adamw,
+            "formulation": "ours"}
     variants = [base] if not opts.compare else [
-        {**base, opts.compare: value} for value in COMPARE[opts.compare]
+        compared_variant(base, opts.compare, value) for value in COMPARE[opts.compare]
         if not (opts.compare == "precision" and value == "fp16" and device.type != "cuda")]
     crops = random_crops(opts, device)
     trainers = {variant_name(v): build_trainer(opts, device, v) for v in variants}
     first = next(iter(trainers.values()))
-    flops = count_step_flops(first.student, first.teacher, first.memory, first.criterion, crops,
+    # MFU counts the work of our step for every variant (the authors' loss does the same
+    # arithmetic less efficiently; counting its extra copies would flatter it).
+    ours = next(t for v, t in zip(variants, trainers.values()) if v["formulation"] == "ours")
+    flops = count_step_flops(first.student, first.teacher, first.memory, ours.criterion, crops,
                              first.amp_dtype)
-    teacher_before = next(first.teacher.parameters()).detach().clone()
+    teacher_before = {name: next(t.teacher.parameters()).detach().clone()
+                      for name, t in trainers.items()}
     losses: list[float] = []
     peaks: dict[str, int] = {}
 
     def timed(name: str, fn: Callable[[], None]) -> Callable[[], None]:
-        def call() -> None:
+        def call() -> None:  # allocator statistics are host-side: no synchronisation needed
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             fn()
             if device.type == "cuda":
-                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
+                step_peak = torch.cuda.max_memory_allocated(device) - before
+                peaks[name] = max(peaks.get(name, 0), step_peak)
         return call
 
     steps = {name: timed(name, make_step(t, crops, v["sdpa"], losses))
@@ -244,7 +305,10 @@ def run(opts: argparse.Namespace) -> dict:
         step_s = statistics.median(t)
         flops_peak, peak_what = peak_flops[v["precision"]]
         if device.type == "cuda":
-            memory, memory_what = peaks[name], "torch.cuda.max_memory_allocated"
+            # Other variants' trainers share the GPU in --compare: count only this one's.
+            memory = peaks[name] + state_bytes(trainers[name])
+            memory_what = ("the variant's weights, AdamW state and memory + its step's "
+                           "max_memory_allocated above them; inputs excluded")
         elif len(variants) == 1:
             memory, memory_what = rss_peak, "peak RSS above the process after imports"
         else:
@@ -264,8 +328,9 @@ def run(opts: argparse.Namespace) -> dict:
         "flops": flops, "total_flops": total_flops, "rows": rows,
         "steps": opts.steps, "compare": opts.compare,
         "loss_first": losses[0], "loss_last": losses[-1],
-        "teacher_moved": bool((next(first.teacher.parameters()) != teacher_before).any()),
-        "memory_ptr": int(first.memory.ptr),
+        "teacher_moved": all(bool((next(t.teacher.parameters()) != teacher_before[name]).any())
+                             for name, t in trainers.items()),
+        "memory_ptrs": sorted({int(t.memory.ptr) for t in trainers.values()}),
     }
 
 
@@ -292,12 +357,18 @@ def print_result(r: dict) -> None:
             print(f"| {row['variant']} | {bu.fmt_seconds(row['step_s'])} | "
                   f"{row['images_per_s']:.1f} | {row['speedup']:.2f}x | {100 * row['mfu']:.1f}% "
                   f"| {memory} |")
-    print(f"check: memory pointer {r['memory_ptr']}, teacher moved by EMA: "
-          f"{'yes' if r['teacher_moved'] else 'NO'}")
+        print(f"peak memory: {r['rows'][0]['memory_what']}")
+    every = " (every variant)" if r["compare"] else ""
+    print(f"check: memory pointer {', '.join(map(str, r['memory_ptrs']))}, teacher moved by "
+          f"EMA: {'yes' if r['teacher_moved'] else 'NO'}{every}")
     if not r["compare"]:
         row = r["rows"][0]
         print(f"ratio: achieved {r['total_flops'] / row['step_s'] / 1e12:.3f} TFLOP/s / peak "
               f"{row['peak_flops'] / 1e12:.3f} TFLOP/s = MFU {100 * row['mfu']:.1f}%")
+    elif r["compare"] == "formulation":
+        authors, ours = r["rows"]
+        print(f"ratio: ours/authors images/s {ours['speedup']:.2f}x (median of per-round "
+              f"ratios; {ours['images_per_s']:.1f} vs {authors['images_per_s']:.1f} images/s)")
     else:
         print(f"ratio: speed vs {r['rows'][0]['label']} (median of per-round ratios): "
               + ", ".join(f"{row['label']} {row['speedup']:.2f}x" for row in r["rows"][1:]))
@@ -311,8 +382,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults depend on the device: on a GPU the ViT-S/16 reference step (batch 64, "
-               "2x224 + 10x96 crops, memory 131072 in blocks of 16384, bf16); on a CPU a small "
-               "one (vit_tiny/16, batch 8, 2x96 + 10x48, memory 16384/4096, fp32).")
+               "2x224 + 10x96 crops, memory 131072 in blocks of 16384, bf16; --arch vit_base for "
+               "ViT-B/16); on a CPU a small one (vit_tiny/16, batch 8, 2x96 + 10x48, memory "
+               "16384/4096, fp32).")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--arch", default=None,
@@ -320,7 +392,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "ViT-B/16)")
     p.add_argument("--patch_size", type=int, default=None, help="ViT patch size (16 in the paper)")
     p.add_argument("--batch_size", type=int, default=None,
-                   help="images per GPU (64 for ViT-S, 32 for ViT-B in the reference runs)")
+                   help="images per GPU (default 64 on GPU, for ViT-S and ViT-B alike; the "
+                        "authors' runs used 64 for ViT-S and 32 for ViT-B)")
     p.add_argument("--global_size", type=int, default=None,
                    help="global crop size (224 in the paper)")
     p.add_argument("--local_size", type=int, default=None,
@@ -343,7 +416,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=list(COMPARE), default=None,
                    help="time every value of one setting, alternating step by step on the same "
                         "model: precision (fp32/fp16/bf16; fp16 on GPU only), sdpa, compile, "
-                        "fused_adamw")
+                        "fused_adamw, or formulation (the authors': explicit attention, naive "
+                        "loss with 16-bit logits, not compiled; vs ours)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps (per variant); the median is reported (default 20 on GPU, "
                         "10 on CPU)")

@@ -36,6 +36,11 @@ def no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run them "
+                                       "with python -m pytest -m cuda tests")
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Fail the run when a test leaves worker processes behind, and end them.
 

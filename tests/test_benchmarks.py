@@ -68,9 +68,62 @@ def test_bench_step_compare_alternates_variants(repo_root):
     rows = [x for x in out.splitlines() if x.startswith("| fp32, SDPA")]
     assert [r.split(" | ")[0] for r in rows] == ["| fp32, SDPA off, compile off, foreach AdamW",
                                                  "| fp32, SDPA on, compile off, foreach AdamW"]
-    # each variant trains its own trainer: (1 warm-up + 2 timed steps) x 4 images
-    assert line(out, "check:") == "check: memory pointer 12, teacher moved by EMA: yes"
+    # each variant has its own trainer: (1 warm-up + 2 timed steps) x 4 images in its memory
+    assert line(out, "check:") == ("check: memory pointer 12, teacher moved by EMA: yes "
+                                   "(every variant)")
     assert re.search(r"ratio: speed vs sdpa=False .*: sdpa=True [0-9.]+x$", line(out, "ratio:"))
+
+
+def test_bench_step_times_the_authors_formulation_against_ours(repo_root):
+    out = run_script(repo_root, "benchmarks/bench_step.py", "--quick", "--device", "cpu",
+                     "--threads", "1", "--compare", "formulation", "--precision", "bf16").stdout
+    rows = [x.split(" | ")[0] for x in out.splitlines() if x.startswith("| bf16, SDPA")]
+    assert rows == ["| bf16, SDPA off, compile off, foreach AdamW, authors' naive loss "
+                    "(16-bit logits)", "| bf16, SDPA on, compile off, foreach AdamW"]
+    assert line(out, "check:") == ("check: memory pointer 12, teacher moved by EMA: yes "
+                                   "(every variant)")
+    assert re.search(r"^ratio: ours/authors images/s [0-9.]+x \(median of per-round ratios; "
+                     r"[0-9.]+ vs [0-9.]+ images/s\)$", line(out, "ratio:"))
+
+
+def test_authors_loss_rounds_its_logits_to_16_bits_under_autocast(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    from bench_step import AuthorsLoss
+    from massl_loss import MaSSLLoss
+
+    g = torch.Generator().manual_seed(0)
+    B, V, K, P, D = 4, 4, 64, 16, 32
+    student = F.normalize(torch.randn(V * B, D, generator=g), dim=1)
+    teacher = F.normalize(torch.randn(2 * B, D, generator=g), dim=1)
+    memory = F.normalize(torch.randn(K, D, generator=g), dim=1)
+    perm = torch.randperm(K, generator=g)
+    ours = MaSSLLoss(P, student_temp=0.1)(student, teacher, memory, 0.04, perm=perm).item()
+    authors = AuthorsLoss(P, 0.1)
+    assert authors(student, teacher, memory, 0.04, perm=perm).item() == pytest.approx(ours, rel=1e-5)
+    # Inside the step's autocast its logits (up to 1 / 0.04 = 25) are bf16: visibly rounded.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = authors(student, teacher, memory, 0.04, perm=perm).item()
+    assert rounded == pytest.approx(ours, rel=0.05) and abs(rounded - ours) > 1e-4 * ours
+
+
+def test_step_state_bytes_counts_weights_adamw_state_and_memory_once(repo_root, monkeypatch):
+    # What --compare charges each variant on a GPU besides its step's peak (checked on CPU).
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    import bench_step
+
+    cpu = torch.device("cpu")
+    opts = bench_step.resolve_options(bench_step.get_args_parser().parse_args(
+        ["--quick", "--device", "cpu"]))
+    variant = {"precision": "fp32", "sdpa": True, "compile": False, "fused_adamw": False,
+               "formulation": "ours"}
+    trainer = bench_step.build_trainer(opts, cpu, variant)
+    trainer.train_step([bench_step.random_crops(opts, cpu)])
+    params = list(trainer.student.parameters())
+    n = sum(p.numel() for p in params)
+    expected = (4 * n * 2                      # student and teacher weights, float32
+                + 4 * n * 2 + 4 * len(params)  # AdamW exp_avg, exp_avg_sq and step
+                + 4 * 64 * 256 + 8)            # memory bank (--quick: K=64, D=256), pointer
+    assert bench_step.state_bytes(trainer) == expected
 
 
 def test_bench_data_quick_on_real_images(repo_root, fmnist_folder):
