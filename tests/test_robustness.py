@@ -34,6 +34,7 @@ import utils
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "main_massl.py")
 TIMEOUT = 300
+DIST_TIMEOUT_ENV = "MASSL_DIST_TIMEOUT_S"
 
 # One epoch of a vit_pico on 28 px images: a step takes a fraction of a second on a CPU core.
 PICO = ["--arch", "vit_pico", "--patch_size", "7", "--global_crops_size", "28",
@@ -48,7 +49,7 @@ PICO = ["--arch", "vit_pico", "--patch_size", "7", "--global_crops_size", "28",
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", utils.DIST_TIMEOUT_ENV):
+                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", DIST_TIMEOUT_ENV):
         env.pop(name, None)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
     return env
@@ -660,12 +661,12 @@ def test_temp_files_of_a_killed_save_are_removed_at_start(flat50, tmp_path, caps
 def test_a_slurm_job_missing_its_other_tasks_says_so_and_times_out(flat50, tmp_path):
     port = free_port()
     env = _env(SLURM_NTASKS="2", SLURM_PROCID="0", SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), **{utils.DIST_TIMEOUT_ENV: "4"})
+               MASTER_PORT=str(port), **{DIST_TIMEOUT_ENV: "4"})
     result = run_py([SCRIPT, *PICO, "--batch_size_per_gpu", "8", "--data_path", str(flat50),
                      "--output_dir", str(tmp_path / "out")], timeout=120, env=env)
     assert result.returncode == 2, result.stderr[-3000:]
     assert (f"waiting for 2 processes at 127.0.0.1:{port} (rank 0 of 2); giving up after 4 s "
-            f"({utils.DIST_TIMEOUT_ENV})") in result.stderr
+            f"({DIST_TIMEOUT_ENV})") in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: the 2 processes did not meet at 127.0.0.1:{port} "
                            "(this is rank 0 of 2): "), last
@@ -674,11 +675,12 @@ def test_a_slurm_job_missing_its_other_tasks_says_so_and_times_out(flat50, tmp_p
 
 
 def test_dist_timeout_setting(monkeypatch):
-    monkeypatch.delenv(utils.DIST_TIMEOUT_ENV, raising=False)
+    assert utils.DIST_TIMEOUT_ENV == DIST_TIMEOUT_ENV
+    monkeypatch.delenv(DIST_TIMEOUT_ENV, raising=False)
     assert utils.dist_timeout_s() == 1800
-    monkeypatch.setenv(utils.DIST_TIMEOUT_ENV, "2.5")
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "2.5")
     assert utils.dist_timeout_s() == 2.5
     for bad in ("0", "-1", "soon", "nan"):
-        monkeypatch.setenv(utils.DIST_TIMEOUT_ENV, bad)
-        with pytest.raises(utils.UserError, match=utils.DIST_TIMEOUT_ENV):
+        monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
+        with pytest.raises(utils.UserError, match=DIST_TIMEOUT_ENV):
             utils.dist_timeout_s()
