@@ -30,6 +30,7 @@ import eval_knn
 import eval_linear
 import main_massl
 import utils
+from test_train import _free_port, _read_until, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "main_massl.py")
@@ -66,13 +67,6 @@ def run_py(args: list[str], timeout: float = TIMEOUT, env: dict[str, str] | None
         pytest.fail(f"{' '.join(args[:2])} ... still running after {timeout} s (hung)")
 
 
-def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main_massl.main(argv)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
 def one_error_line(err: str) -> str:
     """The single ``error: ...`` line a bad input must produce (no traceback)."""
     lines = err.strip().splitlines()
@@ -90,26 +84,6 @@ def copy_images(src: Path, dst: Path, count: int) -> Path:
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_until(proc: subprocess.Popen, pattern: str, timeout: float = TIMEOUT) -> str:
-    seen = []
-    deadline = time.time() + timeout
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-        if time.time() > deadline:
-            break
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"never printed {pattern!r}:\n{''.join(seen)}\n{proc.stderr.read()}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +260,7 @@ def test_a_second_run_into_a_locked_output_dir_is_refused_and_a_crash_frees_it(f
     first = subprocess.Popen([sys.executable, SCRIPT, *long], cwd=ROOT, env=_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        read_until(first, r"training from epoch")
+        _read_until(first, r"training from epoch")
         second = run_py([SCRIPT, *argv], timeout=120)
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr
         line = one_error_line(second.stderr)
@@ -331,7 +305,7 @@ def test_resume_mid_epoch_with_another_global_batch_continues_at_the_next_image(
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, *argv(8, stopped)], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    read_until(proc, r"Epoch \[1/1\] it \[2/6\]")
+    _read_until(proc, r"Epoch \[1/1\] it \[2/6\]")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, stderr
@@ -430,34 +404,25 @@ def test_non_finite_float_flags_are_refused_at_start(flat50, tmp_path, capsys):
     assert one_error_line(err) == "error: --weight_decay nan: must be a finite number"
 
 
-@pytest.mark.parametrize("argv, pattern", [
-    (["--temperature", "0"], "--temperature must be > 0"),
-    (["--temperature", "-0.07"], "--temperature must be > 0"),
-    (["--temperature", "nan"], "--temperature must be > 0"),
-    (["--nb_knn", "20", "0"], "--nb_knn values must be >= 1, got 0"),
-    (["--batch_size_per_gpu", "0"], "--batch_size_per_gpu must be at least 1"),
-    (["--pretrained_weights", "no_such.pth"], "no such file: no_such.pth"),
-])
-def test_eval_knn_checks_arguments_before_any_work(argv, pattern, tmp_path):
+@pytest.mark.parametrize("script, argv, pattern", [
+    (eval_knn, ["--temperature", "0"], "--temperature must be > 0"),
+    (eval_knn, ["--temperature", "-0.07"], "--temperature must be > 0"),
+    (eval_knn, ["--temperature", "nan"], "--temperature must be > 0"),
+    (eval_knn, ["--nb_knn", "20", "0"], "--nb_knn values must be >= 1, got 0"),
+    (eval_knn, ["--batch_size_per_gpu", "0"], "--batch_size_per_gpu must be at least 1"),
+    (eval_knn, ["--pretrained_weights", "no_such.pth"], "no such file: no_such.pth"),
+    (eval_linear, ["--lr", "0"], "--lr must be > 0"),
+    (eval_linear, ["--lr", "inf"], "--lr inf: must be a finite number"),
+    (eval_linear, ["--n_last_blocks", "0"], "--n_last_blocks must be at least 1"),
+    (eval_linear, ["--epochs", "0"], "--epochs must be at least 1"),
+    (eval_linear, ["--crop_size", "0"], "--crop_size must be at least 1"),
+], ids=lambda x: x.__name__ if hasattr(x, "__name__") else None)
+def test_eval_scripts_check_arguments_before_any_work(script, argv, pattern, tmp_path):
     # The data folder does not exist: a check made after the work starts would name it instead.
-    args = eval_knn.get_args_parser().parse_args(
+    args = script.get_args_parser().parse_args(
         ["--data_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"), *argv])
     with pytest.raises(utils.UserError, match=re.escape(pattern)):
-        eval_knn.main(args)
-
-
-@pytest.mark.parametrize("argv, pattern", [
-    (["--lr", "0"], "--lr must be > 0"),
-    (["--lr", "inf"], "--lr inf: must be a finite number"),
-    (["--n_last_blocks", "0"], "--n_last_blocks must be at least 1"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--crop_size", "0"], "--crop_size must be at least 1"),
-])
-def test_eval_linear_checks_arguments_before_any_work(argv, pattern, tmp_path):
-    args = eval_linear.get_args_parser().parse_args(
-        ["--data_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"), *argv])
-    with pytest.raises(utils.UserError, match=re.escape(pattern)):
-        eval_linear.main(args)
+        script.main(args)
 
 
 # --------------------------------------------------------------------------- unwritable folders
@@ -659,7 +624,7 @@ def test_temp_files_of_a_killed_save_are_removed_at_start(flat50, tmp_path, caps
 
 
 def test_a_slurm_job_missing_its_other_tasks_says_so_and_times_out(flat50, tmp_path):
-    port = free_port()
+    port = _free_port()
     env = _env(SLURM_NTASKS="2", SLURM_PROCID="0", SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), **{DIST_TIMEOUT_ENV: "4"})
     result = run_py([SCRIPT, *PICO, "--batch_size_per_gpu", "8", "--data_path", str(flat50),
