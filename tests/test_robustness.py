@@ -592,16 +592,19 @@ def test_training_on_a_full_disk_stops_cleanly_and_logs_no_unsaved_epoch(full_di
 
 
 def test_saved_files_respect_the_umask(tmp_path):
+    def mode(name: str) -> int:
+        return stat.S_IMODE((tmp_path / name).stat().st_mode)
+
     old = os.umask(0o027)
     try:
         utils.save_atomic({"w": torch.ones(1)}, tmp_path / "a.pth")
-        utils.write_json({"x": 1}, tmp_path / "a.json")
         os.umask(0o002)
         utils.save_atomic({"w": torch.ones(1)}, tmp_path / "b.pth")
+        assert (mode("a.pth"), mode("b.pth")) == (0o640, 0o664)  # not mkstemp's 0600
+        utils.write_json({"x": 1}, tmp_path / "c.json")
+        assert mode("c.json") == 0o664
     finally:
         os.umask(old)
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
-    assert modes == {"a.pth": 0o640, "a.json": 0o640, "b.pth": 0o664}
 
 
 def test_temp_files_of_a_killed_save_are_removed_at_start(flat50, tmp_path, capsys):
