@@ -144,21 +144,23 @@ class DataAugmentationMaSSL:
         return crops
 
 
-def _image_files(folder: str) -> list[str]:
-    """Image files under ``folder``, recursively, in sorted order (as ImageFolder lists them)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if utils.is_image_file(f))
-    return found
+def _image_files(folder: str, seen: set[str] | None = None) -> list[str]:
+    """Image files under ``folder``, recursively, in sorted order (``utils.iter_image_files``:
+    links followed, each real folder once, so symlink loops neither repeat nor hang)."""
+    return list(utils.iter_image_files(folder, seen))
 
 
-def _has_image(folder: str) -> bool:
-    for _, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if any(utils.is_image_file(f) for f in filenames):
-            return True
-    return False
+def _has_image(folder: str, outside: str) -> bool:
+    """Whether ``folder`` holds an image, never looking back into ``outside`` (the data root)."""
+    return next(utils.iter_image_files(folder, {os.path.realpath(outside)}), None) is not None
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+# Sub-folder names of an evaluation layout (DATA/train + DATA/val): not classes to pretrain on.
+EVAL_SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 
 
 class PretrainDataset(Dataset):
@@ -216,20 +218,31 @@ def build_pretrain_dataset(data_path: str, transform: Callable | None,
 
     With class sub-folders holding images (ImageFolder layout, e.g. ``imagenet/train``) the
     samples and labels are ImageFolder's; otherwise every image under ``data_path``
-    (recursively) is a sample with label 0. Files are listed, not opened, except the first
-    few to prove the data is readable. Raises ``utils.UserError`` for a missing or empty
-    folder and ``utils.BadImageError`` naming an unreadable first image.
+    (recursively) is a sample with label 0. Symbolic links are followed, each real folder
+    once. Files are listed, not opened, except the first few to prove the data is readable.
+    Raises ``utils.UserError`` for a missing or empty folder or an evaluation layout
+    (``train/`` and ``val/`` side by side), ``utils.BadImageError`` naming an unreadable
+    first image.
     """
     root = os.path.expanduser(str(data_path))
     if not os.path.exists(root):
         raise utils.UserError(f"data folder {root} does not exist (--data_path)")
     if not os.path.isdir(root):
         raise utils.UserError(f"--data_path {root} is not a folder")
-    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    classes = [d for d in subdirs if _has_image(os.path.join(root, d))]
+    real_root = os.path.realpath(root)
+    # A linked sub-folder that leads back to the root (``self -> .``) is a loop, not a class.
+    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+                     and not _is_within(real_root, os.path.realpath(e.path)))
+    classes = [d for d in subdirs if _has_image(os.path.join(root, d), outside=root)]
+    if "train" in classes and len(classes) > 1 and set(classes) <= set(EVAL_SPLIT_NAMES):
+        raise utils.UserError(
+            f"--data_path {root} holds {' and '.join(c + '/' for c in classes)}: an evaluation "
+            f"layout, whose splits would be pretrained on together as {len(classes)} classes; "
+            f"pretrain on the training split: --data_path {os.path.join(root, 'train')}")
     if classes:
+        seen = {real_root}  # an image reachable through several links is listed once
         samples = [(path, label) for label, name in enumerate(classes)
-                   for path in _image_files(os.path.join(root, name))]
+                   for path in _image_files(os.path.join(root, name), seen)]
         loose = [f for f in os.listdir(root) if utils.is_image_file(f)]
         if loose:
             print(f"warning: {len(loose)} images directly in {root} are outside the class "

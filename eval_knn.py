@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 import utils
 from evaluation import (add_backbone_and_data_args, build_eval_backbone, build_train_val,
-                        describe_backbone, dump_features, effective_ks, eval_transform,
-                        extract_features, knn_classifier, load_features, usable_workers)
+                        check_common_args, describe_backbone, dump_features, effective_ks,
+                        eval_transform, extract_features, knn_classifier, load_features,
+                        usable_workers)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -58,14 +59,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- main
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag checked, and the output folders proven writable, before any work."""
+    problems = [f"--nb_knn values must be >= 1, got {k}" for k in args.nb_knn if k < 1]
+    if not args.temperature > 0:  # also refuses nan
+        problems.append(f"--temperature must be > 0 (the vote weight is exp(similarity / T)), "
+                        f"got {args.temperature}")
+    check_common_args(args, problems)
+    utils.check_writable_dir(args.output_dir)
+    if args.dump_features:
+        utils.check_writable_dir(args.dump_features, "--dump_features")
+
+
 def main(args: argparse.Namespace) -> dict | None:
     """Run the evaluation; returns the results dict on the main process (None elsewhere)."""
-    utils.check_device(args.device)
+    check_args(args)
     args.num_workers = usable_workers(args.num_workers)
     env = utils.init_distributed(device=args.device)
     output_dir = Path(args.output_dir)
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     if args.load_features:
         train_features, val_features, train_labels, val_labels, meta = \

@@ -43,8 +43,8 @@ from torchvision import transforms
 import utils
 import vision_transformer as vits
 from evaluation import (add_backbone_and_data_args, build_eval_backbone, build_train_val,
-                        describe_backbone, eval_transform, extract_features, shard_range,
-                        usable_workers)
+                        check_common_args, describe_backbone, eval_transform, extract_features,
+                        shard_range, usable_workers)
 
 LAST_HEAD = "linear_last.pth"
 BEST_HEAD = "linear_best.pth"
@@ -220,17 +220,23 @@ def settings_mismatch(saved: dict, current: dict) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag checked, and --output_dir proven writable, before any work."""
+    problems = [f"--{name} must be at least 1" for name in ("epochs", "val_freq", "n_last_blocks")
+                if getattr(args, name) < 1]
+    if not args.lr > 0:  # also refuses nan
+        problems.append(f"--lr must be > 0, got {args.lr}")
+    check_common_args(args, problems)
+    utils.check_writable_dir(args.output_dir)
+
+
 def main(args: argparse.Namespace) -> dict | None:
     """Train (or only evaluate) the linear head; returns the results dict on the main process."""
-    utils.check_device(args.device)
+    check_args(args)
     args.num_workers = usable_workers(args.num_workers)
-    if args.epochs < 1 or args.val_freq < 1:
-        raise utils.UserError("--epochs and --val_freq must be >= 1")
     env = utils.init_distributed(device=args.device)
     device = env.device
     output_dir = Path(args.output_dir)
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     head_path, saved_head = None, None
     if args.evaluate:

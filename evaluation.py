@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -78,6 +79,27 @@ def add_backbone_and_data_args(parser: argparse.ArgumentParser) -> None:
         Default: CUDA when available (one GPU per local rank), else CPU.""")
 
 
+def check_common_args(args: argparse.Namespace, problems: list[str]) -> None:
+    """Refuse bad values of the shared flags, and those in ``problems`` (one-line messages
+    of the script's own checks), before any work starts (raises ``utils.UserError``)."""
+    problems = list(problems)
+    for name in ("batch_size_per_gpu", "resize_size", "crop_size"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1")
+    if args.patch_size is not None and args.patch_size < 1:
+        problems.append("--patch_size must be at least 1")
+    if args.num_workers < 0:
+        problems.append("--num_workers must be >= 0")
+    if args.pretrained_weights and not Path(args.pretrained_weights).is_file():
+        problems.append(f"no such file: {args.pretrained_weights} (--pretrained_weights must be "
+                        "a local file; nothing is downloaded)")
+    problems += [f"--{name} {value}: must be a finite number" for name, value in sorted(vars(args).items())
+                 if isinstance(value, float) and not math.isfinite(value)]
+    if problems:
+        raise utils.UserError(problems[0])
+    utils.check_device(args.device)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -91,12 +113,44 @@ def eval_transform(resize_size: int, crop_size: int) -> transforms.Compose:
     ])
 
 
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder listing files by the training rule (``utils.iter_image_files``):
+    images by ``utils.is_image_file`` (no macOS ``._x.png``), dot-folders skipped (neither
+    classes nor searched), links followed but each real folder of a class once (no symlink
+    loop). Samples in torchvision's order; images loaded by ``utils.load_rgb_image``."""
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory)
+                         if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory: str | os.PathLike, class_to_idx: dict[str, int],
+                     extensions: tuple[str, ...] | None = None,
+                     is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        # ``extensions``/``is_valid_file`` are ignored: utils.is_image_file is the one rule.
+        samples, empty = [], []
+        for name in sorted(class_to_idx):
+            files = utils.iter_image_files(os.path.join(directory, name),
+                                           {os.path.realpath(directory)})
+            found = sorted(files, key=lambda p: (os.path.dirname(p), os.path.basename(p)))
+            samples.extend((path, class_to_idx[name]) for path in found)
+            if not found:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}.")
+        return samples
+
+
 def _image_folder(root: Path, transform: Callable) -> datasets.ImageFolder:
     if not root.is_dir():
         raise utils.UserError(f"no folder {root}: the dataset must be laid out as "
                               f"{root.parent}/train/<class>/* and {root.parent}/val/<class>/*")
     try:
-        return datasets.ImageFolder(str(root), transform=transform, loader=utils.load_rgb_image)
+        return ImageFolder(str(root), transform=transform, loader=utils.load_rgb_image)
     except FileNotFoundError as e:
         raise utils.UserError(f"no images in {root}: expected {root}/<class>/<image> files "
                               f"({utils.user_error_message(e)})") from e

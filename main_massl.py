@@ -252,23 +252,37 @@ def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str
     launcher asks for several processes.
     """
     check_args(args, utils.world_size_from_env())
-    transform = DataAugmentationMaSSL(args.global_crops_scale, args.local_crops_scale,
-                                      args.local_crops_number, args.global_crops_size,
-                                      args.local_crops_size)
-    dataset = build_pretrain_dataset(args.data_path, transform, args.skip_bad_images)
-
-    owns_process_group = not utils.is_dist()
-    env = utils.init_distributed(device=args.device)
-    stop = utils.StopRequest()
+    output_dir = Path(args.output_dir)
+    check_resume_file(args, output_dir)  # before anything is created
+    created = not output_dir.exists()
+    # Rank 0 owns --output_dir: it checks that it is writable and locks it for the run.
+    lock = prepare_output_dir(output_dir) if utils.rank_from_env() == 0 else None
     try:
-        if install_signal_handlers and not stop.install():
-            print("warning: train() not called from the main thread: SIGTERM/SIGUSR1 will not "
-                  "trigger a save", file=sys.stderr, flush=True)
-        return _train(args, env, dataset, stop)
+        transform = DataAugmentationMaSSL(args.global_crops_scale, args.local_crops_scale,
+                                          args.local_crops_number, args.global_crops_size,
+                                          args.local_crops_size)
+        dataset = build_pretrain_dataset(args.data_path, transform, args.skip_bad_images)
+
+        owns_process_group = not utils.is_dist()
+        env = utils.init_distributed(device=args.device)
+        stop = utils.StopRequest()
+        try:
+            if install_signal_handlers and not stop.install():
+                print("warning: train() not called from the main thread: SIGTERM/SIGUSR1 will "
+                      "not trigger a save", file=sys.stderr, flush=True)
+            return _train(args, env, dataset, stop)
+        finally:
+            stop.restore()
+            if owns_process_group:
+                utils.cleanup_distributed()
+    except BaseException:
+        if lock is not None and created:
+            lock.release()
+            _remove_if_unused(output_dir)  # a failed start leaves no empty folder behind
+        raise
     finally:
-        stop.restore()
-        if owns_process_group:
-            utils.cleanup_distributed()
+        if lock is not None:
+            lock.release()
 
 
 @dataclass
@@ -366,8 +380,6 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
             f"{B * world * accum})")
     output_dir = Path(args.output_dir)
     log = RunLog(args, env, output_dir, steps_per_epoch)
-    if env.is_main:
-        prepare_output_dir(output_dir)
     log("args: " + json.dumps(vars(args), sort_keys=True, default=str))
 
     trainer = MaSSLTrainer(args, env, steps_per_epoch, log=log)
@@ -476,14 +488,40 @@ class TimedIterator:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def prepare_output_dir(output_dir: Path) -> None:
-    """Create ``--output_dir`` and drop temporary files a killed save left behind."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise utils.UserError(f"cannot create --output_dir {output_dir}: {e}") from None
+def prepare_output_dir(output_dir: Path) -> utils.FolderLock:
+    """Create ``--output_dir``, prove it writable, lock it for this run (a second run into it
+    stops with an error naming the first), then drop temporary files a killed save left
+    behind (only once locked: until then they could be another run's save in progress)."""
+    utils.check_writable_dir(output_dir)
+    lock = utils.FolderLock(output_dir)
+    lock.acquire()
     for stale in output_dir.glob(".checkpoint*.pth.*.tmp"):
         stale.unlink(missing_ok=True)
+    return lock
+
+
+def _remove_if_unused(output_dir: Path) -> None:
+    """Remove ``output_dir`` if it holds nothing but our lock file (the run created it)."""
+    try:
+        if {p.name for p in output_dir.iterdir()} <= {utils.FolderLock.NAME}:
+            (output_dir / utils.FolderLock.NAME).unlink(missing_ok=True)
+            output_dir.rmdir()
+    except OSError:
+        pass  # someone else is using it now: leave it
+
+
+def check_resume_file(args: argparse.Namespace, output_dir: Path) -> None:
+    """Refuse a ``--resume`` that is missing or cannot be a checkpoint, before any folder is
+    made (it is only used when ``output_dir`` has no checkpoint.pth yet)."""
+    if not args.resume or (output_dir / "checkpoint.pth").exists():
+        return
+    source = Path(args.resume)
+    if not source.is_file():
+        raise utils.UserError(f"--resume {source} does not exist" if not source.exists()
+                              else f"--resume {source} is not a file")
+    problem = utils.checkpoint_file_problem(source)
+    if problem is not None:
+        raise utils.UserError(f"cannot load checkpoint: --resume {source} {problem}")
 
 
 def save_checkpoint(trainer: MaSSLTrainer, output_dir: Path, epoch: int, step: int,

@@ -181,7 +181,7 @@ def load_checkpoint(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated/corrupt file, not a checkpoint, ...
-        raise utils.UserError(f"cannot load checkpoint {path}: {utils.user_error_message(e)}"
+        raise utils.UserError(f"cannot load checkpoint: {utils.checkpoint_load_error(path, e)}"
                               ) from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:

@@ -7,11 +7,16 @@ the bad file; the strict loader of backbone weights from any checkpoint we accep
 from __future__ import annotations
 
 import argparse
+import datetime
+import errno
 import json
 import math
 import os
+import pickle
 import random
+import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -122,9 +127,53 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
                             "launch with torchrun or run_with_submitit.py")
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         kwargs = {"device_id": dev} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        _join_process_group(backend, rank, world_size, **kwargs)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
                    forced_group=forced and dist.is_initialized())
+
+
+# Seconds to wait for all processes to join (and, after that, for any collective call):
+# MASSL_DIST_TIMEOUT_S, else 30 minutes. A job whose other tasks never start fails with a
+# message after that long instead of hanging silently.
+DIST_TIMEOUT_ENV = "MASSL_DIST_TIMEOUT_S"
+DEFAULT_DIST_TIMEOUT_S = 1800.0
+# A process still waiting for the others after this long (or half the timeout) says so.
+_DIST_WAIT_NOTE_AFTER_S = 5.0
+
+
+def dist_timeout_s() -> float:
+    """The rendezvous and collective timeout in seconds (``MASSL_DIST_TIMEOUT_S``)."""
+    text = os.environ.get(DIST_TIMEOUT_ENV, "")
+    if text == "":
+        return DEFAULT_DIST_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{DIST_TIMEOUT_ENV}={text!r}: expected a number of seconds > 0")
+    return value
+
+
+def _join_process_group(backend: str, rank: int, world_size: int, **kwargs: Any) -> None:
+    """``dist.init_process_group`` that says whom it waits for and gives up with a clear message."""
+    timeout = dist_timeout_s()
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    note = threading.Timer(min(_DIST_WAIT_NOTE_AFTER_S, timeout / 2), lambda: print(
+        f"waiting for {world_size} processes at {where} (rank {rank} of {world_size}); giving up "
+        f"after {timeout:g} s ({DIST_TIMEOUT_ENV})", file=sys.stderr, flush=True))
+    note.daemon = True
+    note.start()
+    try:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout), **kwargs)
+    except getattr(dist, "DistError", RuntimeError) as e:
+        raise UserError(
+            f"the {world_size} processes did not meet at {where} (this is rank {rank} of "
+            f"{world_size}): {_first_line(e)} Did every task of the job start (SLURM_NTASKS / "
+            f"WORLD_SIZE = {world_size})? {DIST_TIMEOUT_ENV} sets how long to wait") from None
+    finally:
+        note.cancel()
 
 
 def world_size_from_env() -> int:
@@ -269,20 +318,70 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A job killed mid-write leaves the previous file intact (and at worst a hidden
     ``.NAME.*.tmp`` beside it). The file gets the permissions of a plain ``open``
     (0666 minus the umask), not ``mkstemp``'s 0600, so teammates can read shared folders.
+    A full disk or quota (also as torch.save's "unexpected pos") is a ``UserError`` saying
+    so; the temporary file is removed and the previous file is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         respect_umask(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        failure = _write_failure(e, path)
+        if failure is None:
+            raise
+        raise failure from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# torch.save's C++ file writer reports a failed write with these words and no errno.
+_TORCH_WRITE_FAILURES = ("unexpected pos", "iostream error")
+# Free space below which a write that failed part-way is put down to a full disk.
+_LOW_SPACE_BYTES = 1 << 20
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # AttributeError: no statvfs on Windows
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def _write_failure(exc: BaseException, path: Path) -> UserError | None:
+    """A ``UserError`` for a write to ``path`` that failed for lack of space, else None."""
+    chain = _exception_chain(exc)
+    codes = {e.errno for e in chain if isinstance(e, OSError)}
+    if errno.ENOSPC in codes:
+        reason = "no space left on device"
+    elif errno.EDQUOT in codes:
+        reason = "disk quota exceeded"
+    elif any(isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES)
+             for e in chain):
+        free = _free_bytes(path.parent)
+        reason = ("no space left on device" if free is not None and free < _LOW_SPACE_BYTES else
+                  f"the write failed part-way ({_first_line(exc)}; disk full, over quota, or an "
+                  "I/O error?)")
+    else:
+        return None
+    kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+    return UserError(f"{reason} while writing {path}; {kept}")
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
@@ -297,6 +396,67 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def check_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> None:
+    """Create the folder ``path`` if needed and prove a file can be written in it, so that a
+    read-only or misspelt output folder fails at start-up, not after the work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {flag} {path}: {e.strerror or e}"
+                        + (f" ({e.filename})" if e.filename and str(e.filename) != str(path)
+                           else "")) from None
+
+
+class FolderLock:
+    """An exclusive lock on a folder, held until ``release()`` or the process exits.
+
+    ``flock`` on ``FOLDER/.lock``, which records the holder's host and pid. The kernel drops
+    the lock when the holder dies (also on SIGKILL), so a crashed run never leaves a stale
+    lock behind; forked children (data workers) share it until they exit too. Filesystems
+    without ``flock`` get a warning and no lock.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir"):
+        self.folder, self.flag = Path(folder), flag
+        self.path = self.folder / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "holder unknown"
+            os.close(fd)
+            raise UserError(f"{self.flag} {self.folder} is in use by another run ({holder}): "
+                            f"wait for it to end or use another {self.flag}") from None
+        except OSError as e:  # e.g. a network filesystem mounted without locking
+            os.close(fd)
+            print(f"warning: cannot lock {self.path} ({e.strerror}): make sure no other run "
+                  f"writes to {self.folder}", file=sys.stderr, flush=True)
+            return
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {started}\n"
+                 .encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
 # --------------------------------------------------------------------------- images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -309,16 +469,74 @@ def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def iter_image_files(folder: str, seen: set[str] | None = None) -> Iterator[str]:
+    """Image files (``is_image_file``) under ``folder``, recursively: folders depth-first in
+    sorted order, files sorted, dot-folders skipped.
+
+    Symbolic links are followed, but each real folder is entered once: a ``self -> .`` link
+    neither multiplies the data nor loops forever. ``seen`` holds the real paths entered so
+    far and may be shared between calls (folders listed by an earlier call are skipped).
+    """
+    seen = set() if seen is None else seen
+    top = os.path.realpath(folder)
+    if top in seen:
+        return
+    seen.add(top)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if not name.startswith(".") and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept  # os.walk descends only into these
+        yield from (os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f))
+
+
 class BadImageError(UserError):
     """An image file that PIL cannot read."""
 
 
+# Pillow modes with 16-bit samples: their nominal range is 0..65535.
+_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """High-bit-depth grayscale (Pillow modes I;16*, I, F) as 8-bit ``L``, scaled, not clipped.
+
+    ``convert("RGB")`` clips these at 255, which turns 16-bit images black and white.
+    * ``I;16*`` (16-bit PNG/TIFF): value / 257, the nominal 16-bit range onto 0..255, so a
+      dark image stays dark and all images of a dataset are scaled alike.
+    * ``I`` (32-bit integers: Pillow's mode for 16-bit PGM/PPM, and 32-bit TIFFs): values in
+      0..65535 are read on the same 16-bit scale; an image with values outside it has no
+      nominal range and is stretched from its minimum to its maximum.
+    * ``F`` (32-bit floats): values in 0..1 are read as 0..255 (the float convention);
+      otherwise stretched from the image's minimum to its maximum. NaN becomes 0.
+    Pillow already reduces 16-bit RGB(A) and LA images to 8 bits itself. Other modes are
+    returned unchanged.
+    """
+    if img.mode not in _16BIT_MODES + ("I", "F"):
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if img.mode in _16BIT_MODES or (img.mode == "I" and low >= 0 and high <= 65535):
+        low, top = 0.0, 65535.0
+    elif img.mode == "F" and low >= 0 and high <= 1:
+        low, top = 0.0, 1.0
+    else:
+        top = high if high > low else low + 1.0  # a constant image becomes black
+    scaled = np.nan_to_num((values - low) * (255.0 / (top - low)), nan=0.0)
+    return Image.fromarray(np.rint(np.clip(scaled, 0, 255)).astype(np.uint8))  # mode L
+
+
 def load_rgb_image(path: str) -> Image.Image:
-    """Open an image as RGB; raise ``BadImageError`` naming the file if it is unreadable."""
+    """Open an image as 8-bit RGB (high bit depths scaled, see ``to_8bit``); raise
+    ``BadImageError`` naming the file if it is unreadable."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
-            return img.convert("RGB")
+            return to_8bit(img).convert("RGB")
     except Exception as e:  # PIL raises many types for corrupt data
         raise BadImageError(f"cannot read image {path}: {e}") from e
 
@@ -356,6 +574,39 @@ def user_error_message(exc: BaseException) -> str:
         name = type(exc).__name__ + ": "
         return last.split(name, 1)[1] if name in last else last
     return " ".join(text.split()) or type(exc).__name__
+
+
+def checkpoint_file_problem(path: str | os.PathLike) -> str | None:
+    """What makes ``path`` no torch.save file, judged from its size and first bytes, or None
+    when it could be one (a zip archive, or a pickle of the legacy format)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"cannot be opened ({e.strerror})"
+    if not head:
+        return "is empty (0 bytes): a copy or a save that was cut short?"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    return f"is not a PyTorch checkpoint (torch.save writes a zip archive; this file starts {head!r})"
+
+
+def checkpoint_load_error(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words: what the file is not.
+
+    Never suggests ``weights_only=False``: that would run whatever code the file holds."""
+    problem = checkpoint_file_problem(path)
+    if problem is not None:
+        return f"{path} {problem}"
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"{path} holds Python objects{what} besides tensors and plain containers; they "
+                "are not loaded, since unpickling them could run code: it is not a checkpoint "
+                "written by these scripts")
+    return (f"{path} is truncated or corrupt: {type(exc).__name__}: "
+            f"{_first_line(exc).split('. This is')[0]}")
 
 
 def _torch_load_weights_only(path: Path) -> Any:
@@ -429,8 +680,7 @@ def read_checkpoint_backbone(path: str | os.PathLike, checkpoint_key: str = "tea
         try:
             ckpt = _torch_load_weights_only(path)
         except Exception as e:
-            raise UserError(f"cannot read checkpoint {path} (not a torch.save file, or a truncated "
-                            f"one?): {type(e).__name__}: {_first_line(e)}") from e
+            raise UserError(f"cannot read checkpoint: {checkpoint_load_error(path, e)}") from e
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict")
 
