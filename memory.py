@@ -13,9 +13,10 @@ def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0, in rank order (no gradient).
 
     Returns ``x`` itself when no process group is running, so one process needs no
-    launcher. Every rank must pass a tensor of the same shape.
+    launcher (a one-process group, ``MASSL_FORCE_DDP=1``, still runs the collective). Every
+    rank must pass a tensor of the same shape.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())

@@ -223,8 +223,8 @@ class MaSSLTrainer:
             log(f"note: --use_fp16 needs CUDA; training in fp32 on {device.type}")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            # TF32 matmuls stay off (PyTorch's default): the memory logits are meant to be
+            # float32 (docs/method.md, step 4); the backbone runs under fp16/bf16 autocast anyway.
             torch.backends.cudnn.benchmark = True
 
         utils.fix_random_seeds(args.seed)  # identical weights and memory on every rank
