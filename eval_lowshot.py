@@ -20,7 +20,8 @@ each class's subset images (at least one, never all) is held out, a model is fit
 rest for every grid value, the value with the best held-out top-1 wins (ties: lower held-out
 cross-entropy, then the stronger L2), and the model is refitted on the whole subset. With one
 image per class nothing can be held out: the strongest grid value is used, where logistic
-regression approaches the nearest-class-mean classifier (the usual one-shot baseline).
+regression approaches the nearest-class-mean classifier on features centred on the subset
+mean (the usual one-shot baseline).
 
 Subsets are drawn per class from a random order seeded by (--seed, split); a setting takes
 the first N (or round(P % of the class), at least 1) images of that order, so within a split

@@ -43,6 +43,7 @@ import argparse
 import math
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 import utils
+import vision_transformer as vits
 from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_backbone_and_data_args,
                         add_feature_file_args, build_eval_backbone, describe_backbone,
                         dump_features, extract_features, finish_run, load_features, start_run,
@@ -124,8 +126,8 @@ def class_retrieval_scores(gallery: torch.Tensor, gallery_labels: torch.Tensor,
     depth = min(gallery.shape[0], max(int(r.max()), max(recall_ks)))
     if chunk_size is None:
         chunk_size = max(1, SIMILARITY_ELEMENTS_PER_CHUNK // gallery.shape[0])
-    ap_sum, recall_hits = 0.0, {k: 0 for k in recall_ks}
-    ranks = torch.arange(1, depth + 1, device=device)
+    aps, recall_hits = [], {k: 0 for k in recall_ks}
+    ranks = torch.arange(1, depth + 1, device=device, dtype=torch.float64)
     valid = r > 0
     for start in range(0, queries.shape[0], chunk_size):
         q = queries[start:start + chunk_size].to(device)
@@ -135,11 +137,12 @@ def class_retrieval_scores(gallery: torch.Tensor, gallery_labels: torch.Tensor,
         r_chunk = r[start:start + chunk_size][keep]
         within_r = ranks[None, :] <= r_chunk[:, None]
         precision = hits.cumsum(1) / ranks
-        ap_sum += ((precision * (hits & within_r)).sum(1) / r_chunk).sum().item()
+        aps.append((precision * (hits & within_r)).sum(1) / r_chunk)
         for k in recall_ks:
             recall_hits[k] += hits[:, :min(k, depth)].any(1).sum().item()
     num_valid = int(valid.sum())
-    scores = {"mAP@R": 100 * ap_sum / num_valid if num_valid else float("nan")}
+    # One sum over all queries' APs: the same number whatever the chunking.
+    scores = {"mAP@R": 100 * torch.cat(aps).sum().item() / num_valid if num_valid else float("nan")}
     scores.update({f"recall@{k}": 100 * recall_hits[k] / num_valid if num_valid else float("nan")
                    for k in recall_ks})
     scores["queries_skipped"] = int(queries.shape[0] - num_valid)
@@ -263,14 +266,19 @@ class RevisitedImages(Dataset):
         return self.transform(image), index
 
 
-def multiscale_featurizer(model: nn.Module, scales: tuple[float, ...]):
-    """CLS output averaged over bilinear rescalings of the input (DINO's ``multi_scale``)."""
+def multiscale_featurizer(model: nn.Module, scales: tuple[float, ...], multiple: int = 1
+                          ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """CLS output averaged over bilinear rescalings of the input (DINO's ``multi_scale``).
+
+    Each rescaled image loses its last rows and columns beyond a multiple of ``multiple``
+    (the patch size): what DINO's strided patch embedding drops, and what timm's refuses."""
     def featurize(images: torch.Tensor) -> torch.Tensor:
         total = 0
         for scale in scales:
             resized = images if scale == 1 else F.interpolate(
                 images, scale_factor=scale, mode="bilinear", align_corners=False)
-            total = total + model(resized)
+            height, width = resized.shape[-2:]
+            total = total + model(resized[..., :height - height % multiple, :width - width % multiple])
         return total / len(scales)
     return featurize
 
@@ -305,7 +313,8 @@ def revisited_features(args: argparse.Namespace, env: utils.DistEnv, gt: dict, i
     # Batches of one: the images keep their own sizes.
     extract = dict(feature_dim=feature_dim, batch_size=1, num_workers=args.num_workers,
                    device=env.device)
-    featurize = multiscale_featurizer(model, scales)
+    multiple = info["patch_size"] if info["arch"] in vits.VIT_ARCHS else 1
+    featurize = multiscale_featurizer(model, scales, multiple)
     database = F.normalize(extract_features(featurize, database_set, **extract), dim=1)
     queries = F.normalize(extract_features(featurize, query_set, **extract), dim=1)
     backbone = {"checkpoint": info["path"], "checkpoint_key": info["checkpoint_key"],
