@@ -35,17 +35,14 @@ import numpy as np
 import torch
 
 import utils
-from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_backbone_and_data_args,
-                        add_feature_file_args, finish_run, start_run, train_val_features)
+from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args, eval_args_parser,
+                        finish_run, print_table, run_as_script, start_run, train_val_features)
 
 RESULTS_FILE = "cluster_results.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "eval_cluster", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_backbone_and_data_args(parser)
+    parser = eval_args_parser("eval_cluster", __doc__)
     group = parser.add_argument_group("k-means")
     group.add_argument("--k", default=None, type=int,
                        help="Number of clusters. Default: the number of classes.")
@@ -311,18 +308,12 @@ def main(args: argparse.Namespace) -> dict | None:
         })
         print(f"\nk-means (k={k}, fitted on {args.fit_on}, best of {args.restarts} restarts: "
               f"#{best['restart']}, inertia {best['inertia']:.4f}), {features.num_classes} classes")
-        print(f"{'set':<6} {'images':>7} {'NMI':>7} {'ARI':>7} {'acc':>7}")
-        for name in ("val", "train"):
-            row = results[name]
-            print(f"{name:<6} {row['num_images']:>7} {row['nmi']:>7.2f} {row['ari']:>7.2f} "
-                  f"{row['accuracy']:>7.2f}")
+        print_table(["set", "images", "NMI", "ARI", "accuracy"],
+                    [[name, *(results[name][key] for key in ("num_images", "nmi", "ari", "accuracy"))]
+                     for name in ("val", "train")])
     finish_run(results, output_dir, RESULTS_FILE)
     return results
 
 
 if __name__ == "__main__":
-    parsed = get_args_parser().parse_args()
-    try:
-        main(parsed)
-    except utils.UserError as e:
-        utils.exit_with_error(utils.user_error_message(e))
+    run_as_script(get_args_parser, main)

@@ -4,8 +4,8 @@ Every train and val image goes once through the backbone (resize, centre crop, n
 augmentation); its CLS feature is L2-normalised. For each setting (``--shots N``: N train
 images per class; ``--percent P``: P % of each class's train images) and each of
 ``--splits`` seeded random subsets, a multinomial logistic regression is fitted on the
-subset's features and scored (top-1) on all val images: the low-shot protocol of MSN and
-DINOv2, reported as mean ± std over the splits.
+subset's features and scored (top-1) on all val images: MSN's low-shot protocol, reported
+as mean ± std over the splits.
 
     python eval_lowshot.py --data_path /path/to/imagenet --pretrained_weights checkpoint.pth
     torchrun --nproc_per_node=8 eval_lowshot.py --data_path /path/to/imagenet \\
@@ -45,25 +45,23 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from evaluation import (TrainValFeatures, add_backbone_and_data_args, add_feature_file_args,
-                        class_counts, class_name, finish_run, start_run, train_val_features)
+from evaluation import (TrainValFeatures, add_feature_file_args, class_counts, class_name,
+                        eval_args_parser, finish_run, print_table, run_as_script, start_run,
+                        train_val_features)
 
 DEFAULT_L2_GRID = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
 RESULTS_FILE = "lowshot_results.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "eval_lowshot", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_backbone_and_data_args(parser)
+    parser = eval_args_parser("eval_lowshot", __doc__)
     group = parser.add_argument_group("low-shot")
     group.add_argument("--shots", default=[1, 2, 5, 13], nargs="*", type=int, help="""Train
         images per class of each setting (MSN reports 1, 2, 5; 13 per class is about ImageNet's
-        1 %%). Every class must have at least max(--shots) train images. '--shots' alone: none.""")
+        1 %%). Every class must have at least max(--shots) train images. No value: none.""")
     group.add_argument("--percent", default=[1.0, 10.0], nargs="*", type=float, help="""Percent
-        of each class's train images of each setting (DINOv2 reports 1 and 10), at least one
-        image per class. '--percent' alone: none.""")
+        of each class's train images of each setting (1 and 10 are the usual semi-supervised
+        fractions), at least one image per class. No value: none.""")
     group.add_argument("--splits", default=3, type=int, help="""Random subsets per setting
         (seeded by --seed and the split number); the table shows mean ± std over them.""")
     group.add_argument("--l2_grid", default=DEFAULT_L2_GRID, nargs="+", type=float, help="""L2
@@ -269,15 +267,16 @@ def summarise(done: list[dict], settings: list[Setting], splits: int) -> dict:
     return results
 
 
-def print_table(results: dict, settings: list[Setting], header: str) -> None:
+def print_results(results: dict, settings: list[Setting], header: str) -> None:
     print(f"\n{header}")
-    print(f"{'setting':<18} {'images':>7}  {'top-1 (mean ± std)':>18}  L2 per split")
+    rows = []
     for setting in settings:
         row = results[setting.name]
         l2s = " ".join(f"{l2:.0e}" for l2 in row["l2_per_split"])
-        mark = "" if row["l2_selected"] else "  (fixed: one image per class)"
-        print(f"{setting.label:<18} {row['images_per_split'][0]:>7}  "
-              f"{row['top1_mean']:>9.2f} ± {row['top1_std']:<6.2f}  {l2s}{mark}")
+        rows.append([setting.label, row["images_per_split"][0],
+                     f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f}",
+                     l2s + ("" if row["l2_selected"] else " (fixed: one image per class)")])
+    print_table(["setting", "images", "top-1 (mean ± std)", "L2 per split"], rows)
 
 
 # --------------------------------------------------------------------------- main
@@ -315,7 +314,7 @@ def main(args: argparse.Namespace) -> dict | None:
                       f"max_iter {args.max_iter}",
             **features.backbone, "world_size": env.world_size,
         })
-        print_table(results, settings,
+        print_results(results, settings,
                     f"low-shot logistic regression on {results['num_train']} train / "
                     f"{results['num_val']} val images, {features.num_classes} classes, "
                     f"{args.splits} split(s)")
@@ -324,8 +323,4 @@ def main(args: argparse.Namespace) -> dict | None:
 
 
 if __name__ == "__main__":
-    parsed = get_args_parser().parse_args()
-    try:
-        main(parsed)
-    except utils.UserError as e:
-        utils.exit_with_error(utils.user_error_message(e))
+    run_as_script(get_args_parser, main)

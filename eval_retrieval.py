@@ -55,9 +55,9 @@ from torchvision import transforms
 
 import utils
 import vision_transformer as vits
-from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_backbone_and_data_args,
-                        add_feature_file_args, build_eval_backbone, describe_backbone,
-                        dump_features, extract_features, finish_run, load_features, start_run,
+from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args, build_eval_backbone,
+                        describe_backbone, dump_features, eval_args_parser, extract_features,
+                        finish_run, load_features, print_table, run_as_script, start_run,
                         train_val_features)
 
 RESULTS_FILE = "retrieval_results.json"
@@ -67,10 +67,7 @@ PRECISION_KS = (1, 5, 10)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "eval_retrieval", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_backbone_and_data_args(parser)
+    parser = eval_args_parser("eval_retrieval", __doc__)
     group = parser.add_argument_group("retrieval")
     group.add_argument("--protocol", default="class", choices=["class", "revisited"], help="""
         'class': val images query the train images of an ImageFolder (mAP@R, Recall@K).
@@ -359,11 +356,9 @@ def run_revisited(args: argparse.Namespace) -> dict | None:
                    "imsize": args.imsize, "multiscale": args.multiscale,
                    "crop_queries": args.crop_queries, **backbone, "world_size": env.world_size}
         print(f"\n{args.dataset}: {len(queries)} queries, {len(database)} database images")
-        print(f"{'split':<8} {'mAP':>7} {'mP@1':>7} {'mP@5':>7} {'mP@10':>7}")
-        for split in ("medium", "hard"):
-            row = results[split]
-            print(f"{split:<8} {row['mAP']:>7.2f} {row['mP@1']:>7.2f} {row['mP@5']:>7.2f} "
-                  f"{row['mP@10']:>7.2f}")
+        columns = ["mAP", *(f"mP@{k}" for k in PRECISION_KS)]
+        print_table(["split", *columns], [[split, *(results[split][c] for c in columns)]
+                                          for split in ("medium", "hard")])
     finish_run(results, output_dir, RESULTS_FILE)
     return results
 
@@ -383,8 +378,7 @@ def run_class_level(args: argparse.Namespace) -> dict | None:
         print(f"\nclass-level retrieval: {results['num_queries']} val queries, "
               f"{results['num_gallery']} train gallery images, {features.num_classes} classes")
         names = ["mAP@R", *(f"recall@{k}" for k in args.recall_ks)]
-        print("  ".join(f"{name:>9}" for name in names))
-        print("  ".join(f"{results[name]:>9.2f}" for name in names))
+        print_table(["queries", *names], [["val", *(results[name] for name in names)]])
         if results["queries_skipped"]:
             print(f"({results['queries_skipped']} queries skipped: no train image of their class)")
     finish_run(results, output_dir, RESULTS_FILE)
@@ -398,8 +392,4 @@ def main(args: argparse.Namespace) -> dict | None:
 
 
 if __name__ == "__main__":
-    parsed = get_args_parser().parse_args()
-    try:
-        main(parsed)
-    except utils.UserError as e:
-        utils.exit_with_error(utils.user_error_message(e))
+    run_as_script(get_args_parser, main)

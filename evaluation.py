@@ -378,6 +378,37 @@ def load_features(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 # --------------------------------------------------------------------------- shared by eval_* scripts
 
 
+def eval_args_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """An eval_*.py parser: the first paragraph of ``doc`` as description, defaults shown,
+    and the backbone/data/run flags of ``add_backbone_and_data_args``."""
+    parser = argparse.ArgumentParser(prog, description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_backbone_and_data_args(parser)
+    return parser
+
+
+def run_as_script(get_args_parser: Callable[[], argparse.ArgumentParser],
+                  main: Callable[[argparse.Namespace], object]) -> None:
+    """``python eval_x.py ...``: parse, run, and turn a ``UserError`` into one line + exit 2."""
+    parsed = get_args_parser().parse_args()
+    try:
+        main(parsed)
+    except utils.UserError as e:
+        utils.exit_with_error(utils.user_error_message(e))
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    """A plain-text results table: text columns left-aligned, numbers right-aligned (floats
+    with two decimals)."""
+    numeric = [not isinstance(c, str) for c in rows[0]] if rows else [False] * len(header)
+    cells = [[c if isinstance(c, str) else f"{c:.2f}" if isinstance(c, float) else str(c)
+              for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.rjust(w) if right else c.ljust(w)
+                        for c, w, right in zip(row, widths, numeric)).rstrip())
+
+
 def add_feature_file_args(group: argparse._ArgumentGroup) -> None:
     """``--dump_features`` / ``--load_features``: the feature files of ``dump_features``."""
     group.add_argument("--dump_features", default=None, type=str, help=f"""Also save the
