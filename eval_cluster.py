@@ -103,9 +103,14 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
     distance to the nearest centroid so far. Randomness comes from a CPU ``generator`` (one
     uniform number per draw), so the seeding is the same on any device."""
     n = x.shape[0]
+    x_sq = x.pow(2).sum(1)
+
+    def squared_distances(index: int) -> torch.Tensor:  # to row ``index``, without an n x d temporary
+        return (x_sq + x_sq[index] - 2 * (x @ x[index])).clamp_min_(0)
+
     first = int(torch.randint(n, (1,), generator=generator))
     centroids = [x[first]]
-    closest = (x - x[first]).pow(2).sum(1)
+    closest = squared_distances(first)
     for _ in range(1, k):
         cumulative = closest.double().cumsum(0)
         total = cumulative[-1]
@@ -115,7 +120,7 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
             target = torch.rand((), generator=generator, dtype=torch.float64).item() * total
             index = min(int(torch.searchsorted(cumulative, target, right=True)), n - 1)
         centroids.append(x[index])
-        closest = torch.minimum(closest, (x - x[index]).pow(2).sum(1))
+        closest = torch.minimum(closest, squared_distances(index))
     return torch.stack(centroids)
 
 

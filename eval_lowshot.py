@@ -161,8 +161,10 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_outputs: int, 
     weight = torch.zeros(num_outputs, x.shape[1], dtype=x.dtype, device=x.device)
     bias = torch.zeros(num_outputs, dtype=x.dtype, device=x.device)
     if init is not None:
-        weight.copy_(init[0]), bias.copy_(init[1])
-    weight.requires_grad_(True), bias.requires_grad_(True)
+        weight.copy_(init[0])
+        bias.copy_(init[1])
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
     tight = x.dtype == torch.float64
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-9 if tight else 1e-6,

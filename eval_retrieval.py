@@ -80,7 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         ground truth (or another file you trust), never one from an unknown source.""")
     group.add_argument("--imsize", default=512, type=int, help="""'revisited' protocol: images
         are shrunk (aspect kept, never enlarged) to fit in imsize x imsize (DINO and CARP: 512
-        with --multiscale; DINO's README also shows 224 without).""")
+        with --multiscale; DINO's README also shows 224 without). --resize_size and
+        --crop_size do not apply to this protocol.""")
     group.add_argument("--multiscale", default=True, type=utils.bool_flag, help="""'revisited'
         protocol: average the CLS features at scales 1, 1/sqrt(2), 1/2 (else scale 1 only).""")
     group.add_argument("--crop_queries", default=True, type=utils.bool_flag, help="""'revisited'
