@@ -114,7 +114,7 @@ def class_retrieval_scores(gallery: torch.Tensor, gallery_labels: torch.Tensor,
     For a query whose class has R gallery images: AP@R = (1/R) sum over the top R results
     of precision@i at each relevant result i. Recall@K: a relevant image among the top K
     (K clipped to the gallery size). Queries whose class has no gallery image are skipped
-    and counted.
+    and counted (the scores are None when no query is left).
     """
     device = gallery.device
     gallery_labels, query_labels = gallery_labels.to(device).long(), query_labels.to(device).long()
@@ -140,8 +140,8 @@ def class_retrieval_scores(gallery: torch.Tensor, gallery_labels: torch.Tensor,
             recall_hits[k] += hits[:, :min(k, depth)].any(1).sum().item()
     num_valid = int(valid.sum())
     # One sum over all queries' APs: the same number whatever the chunking.
-    scores = {"mAP@R": 100 * torch.cat(aps).sum().item() / num_valid if num_valid else float("nan")}
-    scores.update({f"recall@{k}": 100 * recall_hits[k] / num_valid if num_valid else float("nan")
+    scores = {"mAP@R": 100 * torch.cat(aps).sum().item() / num_valid if num_valid else None}
+    scores.update({f"recall@{k}": 100 * recall_hits[k] / num_valid if num_valid else None
                    for k in recall_ks})
     scores["queries_skipped"] = int(queries.shape[0] - num_valid)
     return scores
@@ -189,8 +189,12 @@ def revisited_scores(similarity: np.ndarray, gnd: list[dict]) -> dict:
         aps = np.array([ap for ap, _ in per_query])
         precisions = np.array([p for _, p in per_query])
         counted = ~np.isnan(aps)
-        scores[name] = {"mAP": round(100 * float(aps[counted].mean()), 4)}
-        scores[name].update({f"mP@{k}": round(100 * float(precisions[counted, i].mean()), 4)
+
+        def mean(values: np.ndarray) -> float | None:  # None (JSON null) without any query
+            return round(100 * float(values.mean()), 4) if counted.any() else None
+
+        scores[name] = {"mAP": mean(aps[counted])}
+        scores[name].update({f"mP@{k}": mean(precisions[counted, i])
                              for i, k in enumerate(PRECISION_KS)})
         scores[name]["queries_without_positives"] = int((~counted).sum())
     return scores
