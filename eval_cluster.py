@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 import utils
-from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args, eval_args_parser,
-                        finish_run, print_table, run_as_script, start_run, train_val_features)
+from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args, check_eval_args,
+                        eval_args_parser, finish_run, print_table, run_as_script, start_run,
+                        train_val_features)
 
 RESULTS_FILE = "cluster_results.json"
 
@@ -57,12 +58,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """One-line errors for bad values, before anything is loaded."""
+    problems = []
     if args.k is not None and args.k < 1:
-        raise utils.UserError(f"--k must be >= 1, got {args.k}")
+        problems.append(f"--k must be >= 1, got {args.k}")
     if args.restarts < 1:
-        raise utils.UserError(f"--restarts must be >= 1, got {args.restarts}")
+        problems.append(f"--restarts must be >= 1, got {args.restarts}")
     if args.max_iter < 1:
-        raise utils.UserError(f"--max_iter must be >= 1, got {args.max_iter}")
+        problems.append(f"--max_iter must be >= 1, got {args.max_iter}")
+    check_eval_args(args, problems)
 
 
 # --------------------------------------------------------------------------- k-means

@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from evaluation import (TrainValFeatures, add_feature_file_args, class_counts, class_name,
-                        eval_args_parser, finish_run, print_table, run_as_script, start_run,
-                        train_val_features)
+from evaluation import (TrainValFeatures, add_feature_file_args, check_eval_args, class_counts,
+                        class_name, eval_args_parser, finish_run, print_table, run_as_script,
+                        start_run, train_val_features)
 
 DEFAULT_L2_GRID = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
 RESULTS_FILE = "lowshot_results.json"
@@ -78,20 +78,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """One-line errors for bad values, before anything is loaded."""
+    problems = []
     if not args.shots and not args.percent:
-        raise utils.UserError("nothing to evaluate: give --shots and/or --percent values")
+        problems.append("nothing to evaluate: give --shots and/or --percent values")
     if any(n < 1 for n in args.shots):
-        raise utils.UserError(f"--shots values must be >= 1, got {args.shots}")
+        problems.append(f"--shots values must be >= 1, got {args.shots}")
     if any(not 0 < p <= 100 for p in args.percent):
-        raise utils.UserError(f"--percent values must be in (0, 100], got {args.percent}")
+        problems.append(f"--percent values must be in (0, 100], got {args.percent}")
     if args.splits < 1:
-        raise utils.UserError(f"--splits must be >= 1, got {args.splits}")
+        problems.append(f"--splits must be >= 1, got {args.splits}")
     if any(not (l2 > 0 and math.isfinite(l2)) for l2 in args.l2_grid):
-        raise utils.UserError(f"--l2_grid values must be positive, got {args.l2_grid}")
+        problems.append(f"--l2_grid values must be positive, got {args.l2_grid}")
     if not 0 < args.holdout_fraction < 1:
-        raise utils.UserError(f"--holdout_fraction must be in (0, 1), got {args.holdout_fraction}")
+        problems.append(f"--holdout_fraction must be in (0, 1), got {args.holdout_fraction}")
     if args.max_iter < 1:
-        raise utils.UserError(f"--max_iter must be >= 1, got {args.max_iter}")
+        problems.append(f"--max_iter must be >= 1, got {args.max_iter}")
+    check_eval_args(args, problems)
 
 
 # --------------------------------------------------------------------------- subsets

@@ -56,9 +56,9 @@ from torchvision import transforms
 import utils
 import vision_transformer as vits
 from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args, build_eval_backbone,
-                        describe_backbone, dump_features, eval_args_parser, extract_features,
-                        finish_run, load_features, print_table, run_as_script, start_run,
-                        train_val_features)
+                        check_eval_args, describe_backbone, dump_features, eval_args_parser,
+                        extract_features, finish_run, load_features, print_table, run_as_script,
+                        start_run, train_val_features)
 
 RESULTS_FILE = "retrieval_results.json"
 REVISITED_DATASETS = ("roxford5k", "rparis6k")
@@ -92,14 +92,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.protocol == "class":
-        if any(k < 1 for k in args.recall_ks):
-            raise utils.UserError(f"--recall_ks values must be >= 1, got {args.recall_ks}")
-        return
-    if args.dataset is None:
-        raise utils.UserError(f"--protocol revisited needs --dataset ({' or '.join(REVISITED_DATASETS)})")
+    """One-line errors for bad values, before anything is loaded."""
+    problems = []
+    if args.protocol == "class" and any(k < 1 for k in args.recall_ks):
+        problems.append(f"--recall_ks values must be >= 1, got {args.recall_ks}")
+    if args.protocol == "revisited" and args.dataset is None:
+        problems.append(f"--protocol revisited needs --dataset ({' or '.join(REVISITED_DATASETS)})")
     if args.imsize < 1:
-        raise utils.UserError(f"--imsize must be >= 1, got {args.imsize}")
+        problems.append(f"--imsize must be >= 1, got {args.imsize}")
+    check_eval_args(args, problems)
 
 
 # --------------------------------------------------------------------------- metrics: class level

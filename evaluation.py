@@ -419,15 +419,20 @@ def add_feature_file_args(group: argparse._ArgumentGroup) -> None:
         from this folder.""")
 
 
+def check_eval_args(args: argparse.Namespace, problems: list[str]) -> None:
+    """``check_common_args``, then the output folders (``--output_dir``, ``--dump_features``)
+    created and proven writable: everything an eval_*.py script checks before any work."""
+    check_common_args(args, problems)
+    utils.check_writable_dir(args.output_dir)
+    if args.dump_features:
+        utils.check_writable_dir(args.dump_features, "--dump_features")
+
+
 def start_run(args: argparse.Namespace) -> tuple[utils.DistEnv, Path]:
-    """Device check, worker cap, process group (torchrun or none), output folder on rank 0."""
-    utils.check_device(args.device)
+    """Worker cap and process group (torchrun or none), once the flags are checked."""
     args.num_workers = usable_workers(args.num_workers)
     env = utils.init_distributed(device=args.device)
-    output_dir = Path(args.output_dir)
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    return env, output_dir
+    return env, Path(args.output_dir)
 
 
 def finish_run(results: dict | None, output_dir: Path, file_name: str) -> None:
