@@ -555,6 +555,15 @@ def test_bad_input_gives_one_line_errors(repo_root, fmnist_folder, revisited_fol
                       "k=500", "300 train")
     assert_clean_exit(run_in_process(repo_root, "eval_cluster.py", "--load_features", tmp_path, *out),
                       "missing trainfeat.pth")
+    assert_clean_exit(run_in_process(repo_root, "eval_lowshot.py", "--load_features", features,
+                                     "--holdout_fraction", "1", *out),
+                      "--holdout_fraction")
+    assert_clean_exit(run_in_process(repo_root, "eval_retrieval.py", *REVISITED[:4], "--data_path",
+                                     revisited_folder, "--imsize", "0", *out),
+                      "--imsize")
+    assert_clean_exit(run_in_process(repo_root, "eval_cluster.py", "--data_path", fmnist_folder,
+                                     "--pretrained_weights", tmp_path / "none.pth", *out),
+                      "no such file", "none.pth")
     # Revisited Oxford/Paris features are not an ImageFolder's train/val features.
     evaluation.dump_features(tmp_path / "rox", torch.eye(3), torch.eye(3)[:1], torch.arange(3),
                              torch.arange(1), {"protocol": "revisited", "dataset": "roxford5k"})
