@@ -14,12 +14,14 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
@@ -371,3 +373,149 @@ def load_features(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     meta_file = folder / FEATURE_META
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     return (*tensors, meta)
+
+
+# --------------------------------------------------------------------------- shared by eval_* scripts
+
+
+def eval_args_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """An eval_*.py parser: the first paragraph of ``doc`` as description, defaults shown,
+    and the backbone/data/run flags of ``add_backbone_and_data_args``."""
+    parser = argparse.ArgumentParser(prog, description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_backbone_and_data_args(parser)
+    return parser
+
+
+def run_as_script(get_args_parser: Callable[[], argparse.ArgumentParser],
+                  main: Callable[[argparse.Namespace], object]) -> None:
+    """``python eval_x.py ...``: parse, run, and turn a ``UserError`` into one line + exit 2."""
+    parsed = get_args_parser().parse_args()
+    try:
+        main(parsed)
+    except utils.UserError as e:
+        utils.exit_with_error(utils.user_error_message(e))
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    """A plain-text results table: text columns left-aligned, numbers right-aligned (floats
+    with two decimals)."""
+    numeric = [not isinstance(c, str) for c in rows[0]] if rows else [False] * len(header)
+    cells = [[c if isinstance(c, str) else f"{c:.2f}" if isinstance(c, float) else str(c)
+              for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.rjust(w) if right else c.ljust(w)
+                        for c, w, right in zip(row, widths, numeric)).rstrip())
+
+
+def add_feature_file_args(group: argparse._ArgumentGroup) -> None:
+    """``--dump_features`` / ``--load_features``: the feature files of ``dump_features``."""
+    group.add_argument("--dump_features", default=None, type=str, help=f"""Also save the
+        normalised features and labels to this folder ({', '.join(FEATURE_FILES)},
+        {FEATURE_META}); every eval_*.py script reads them back with --load_features.""")
+    group.add_argument("--load_features", default=None, type=str, help="""Skip the backbone
+        and the images: read features saved by --dump_features (of any eval_*.py script)
+        from this folder.""")
+
+
+def check_eval_args(args: argparse.Namespace, problems: list[str]) -> None:
+    """``check_common_args``, then the output folders (``--output_dir``, ``--dump_features``)
+    created and proven writable: everything an eval_*.py script checks before any work."""
+    check_common_args(args, problems)
+    utils.check_writable_dir(args.output_dir)
+    if args.dump_features:
+        utils.check_writable_dir(args.dump_features, "--dump_features")
+
+
+def start_run(args: argparse.Namespace) -> tuple[utils.DistEnv, Path]:
+    """Worker cap and process group (torchrun or none), once the flags are checked."""
+    args.num_workers = usable_workers(args.num_workers)
+    env = utils.init_distributed(device=args.device)
+    return env, Path(args.output_dir)
+
+
+def finish_run(results: dict | None, output_dir: Path, file_name: str) -> None:
+    """Write ``results`` (rank 0) as JSON, then wait for every rank and leave the group."""
+    if results is not None:
+        utils.write_json(results, output_dir / file_name)
+        print(f"results written to {output_dir / file_name}", flush=True)
+    utils.barrier()
+    utils.cleanup_distributed()
+
+
+@dataclass
+class TrainValFeatures:
+    """L2-normalised frozen features of ``DATA/train`` and ``DATA/val``, with labels."""
+    train: torch.Tensor
+    val: torch.Tensor
+    train_labels: torch.Tensor
+    val_labels: torch.Tensor
+    num_classes: int
+    classes: list[str] | None
+    backbone: dict  # what produced them: checkpoint, checkpoint_key, arch, patch_size, sizes
+
+
+LabelCheck = Callable[[torch.Tensor, torch.Tensor, int, "list[str] | None"], None]
+
+
+def train_val_features(args: argparse.Namespace, env: utils.DistEnv,
+                       check_labels: LabelCheck | None = None) -> TrainValFeatures:
+    """Features for an eval_*.py script: ``--load_features``, or every train and val image once
+    through the backbone (sharded across ranks), L2-normalised, saved by ``--dump_features``.
+
+    ``check_labels(train_labels, val_labels, num_classes, classes)`` may raise ``UserError``
+    about the dataset; it runs before the backbone is built or any image is read.
+    """
+    if args.load_features:
+        train, val, train_labels, val_labels, meta = load_features(Path(args.load_features))
+        if meta.get("protocol") == "revisited":
+            raise utils.UserError(f"--load_features {args.load_features} holds revisited "
+                                  "Oxford/Paris features, not the train/val features of an ImageFolder")
+        num_classes = len(meta["classes"]) if "classes" in meta else \
+            int(max(train_labels.max(), val_labels.max())) + 1
+        classes = meta.get("classes")
+        if check_labels is not None:
+            check_labels(train_labels, val_labels, num_classes, classes)
+        backbone = {k: meta.get(k) for k in
+                    ("checkpoint", "checkpoint_key", "arch", "patch_size", "resize_size", "crop_size")}
+        if env.is_main:
+            print(f"features loaded from {args.load_features}")
+        # Dumps hold normalised features already: used bit for bit, as computed.
+        return TrainValFeatures(train.float().to(env.device), val.float().to(env.device),
+                                train_labels.long(), val_labels.long(), num_classes, classes, backbone)
+    transform = eval_transform(args.resize_size, args.crop_size)
+    train_set, val_set = build_train_val(args.data_path, transform, transform)
+    train_labels, val_labels = torch.tensor(train_set.targets), torch.tensor(val_set.targets)
+    if check_labels is not None:
+        check_labels(train_labels, val_labels, len(train_set.classes), train_set.classes)
+    model, feature_dim, info = build_eval_backbone(
+        args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
+        args.crop_size, args.seed)
+    model.to(env.device)
+    if env.is_main:
+        print(f"backbone: {describe_backbone(info)}")
+        print(f"extracting features of {len(train_set)} train and {len(val_set)} val images "
+              f"on {env.world_size} process(es)", flush=True)
+    extract = dict(feature_dim=feature_dim, batch_size=args.batch_size_per_gpu,
+                   num_workers=args.num_workers, device=env.device)
+    train = F.normalize(extract_features(model, train_set, **extract), dim=1)
+    val = F.normalize(extract_features(model, val_set, **extract), dim=1)
+    backbone = {"checkpoint": info["path"], "checkpoint_key": info["checkpoint_key"],
+                "arch": info["arch"], "patch_size": info["patch_size"],
+                "resize_size": args.resize_size, "crop_size": args.crop_size}
+    if args.dump_features and env.is_main:
+        dump_features(Path(args.dump_features), train, val, train_labels, val_labels,
+                      {**backbone, "classes": train_set.classes})
+        print(f"features saved to {args.dump_features}")
+    return TrainValFeatures(train, val, train_labels, val_labels, len(train_set.classes),
+                            list(train_set.classes), backbone)
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images per class, ``(num_classes,)`` (zeros for classes without images)."""
+    return torch.bincount(labels.long().cpu(), minlength=num_classes)
+
+
+def class_name(classes: list[str] | None, index: int) -> str:
+    return f"'{classes[index]}'" if classes else f"{index}"
