@@ -456,9 +456,11 @@ def run_epoch(trainer: MaSSLTrainer, loader: Any, sampler: PretrainSampler, star
         entry["rank_fingerprints"] = utils.gather_objects(trainer.fingerprint())
         if any(fp != entry["rank_fingerprints"][0] for fp in entry["rank_fingerprints"]):
             log("warning: teacher/memory differ across ranks (see rank_fingerprints)")
-    # The checkpoint first: a crash between the two must not log the epoch twice on resume.
+    # The checkpoint first: it carries the epoch's log line, which resume() writes to log.txt
+    # if a kill between the two lost it.
     save_checkpoint(trainer, log.output_dir, epoch + 1, 0, None, 0.0,
-                    numbered=args.saveckp_freq > 0 and (epoch + 1) % args.saveckp_freq == 0)
+                    numbered=args.saveckp_freq > 0 and (epoch + 1) % args.saveckp_freq == 0,
+                    log_entry=entry)
     log.epoch(entry)
     log(f"Epoch [{epoch + 1}/{args.epochs}] done: loss {stats['loss']:.4f}, "
         f"{epoch_time:.1f} s, checkpoint saved")
@@ -526,7 +528,7 @@ def check_resume_file(args: argparse.Namespace, output_dir: Path) -> None:
 
 def save_checkpoint(trainer: MaSSLTrainer, output_dir: Path, epoch: int, step: int,
                     meter: utils.MetricMeter | None, epoch_time_s: float,
-                    numbered: bool = False) -> None:
+                    numbered: bool = False, log_entry: dict[str, Any] | None = None) -> None:
     """Atomically write checkpoint.pth (and checkpointNNNN.pth) on rank 0; collective.
 
     ``epoch`` epochs and ``step`` optimizer steps of the next one are done; the partial
@@ -534,6 +536,8 @@ def save_checkpoint(trainer: MaSSLTrainer, output_dir: Path, epoch: int, step: i
     rank_state = {"meter": meter.state_dict(), "epoch_time_s": epoch_time_s} if meter else {}
     ckpt = trainer.state_dict(rank_state)
     ckpt.update(epoch=epoch, iteration=step, epoch_images_done=step * trainer.images_per_step)
+    if log_entry is not None:
+        ckpt["log_entry"] = json.dumps(log_entry)  # a string: weights_only-safe
     if trainer.env.is_main:
         utils.save_atomic(ckpt, output_dir / "checkpoint.pth")
         if numbered:
@@ -590,9 +594,26 @@ def resume(trainer: MaSSLTrainer, args: argparse.Namespace, output_dir: Path,
         point.epoch_time_s = float(rank_state.get("epoch_time_s",
                                                   rank_state.get("epoch_sums", {}).get("time_s", 0)))
     trainer.global_step = point.epoch * spe + point.step
+    if trainer.env.is_main and "log_entry" in ckpt:
+        _restore_log_line(output_dir / "log.txt", json.loads(ckpt["log_entry"]))
     log(f"resumed from {source}: {epoch} epochs" + (f" + {saved_step} steps" if saved_step else "")
         + " done")
     return point
+
+
+def _restore_log_line(path: Path, entry: dict[str, Any]) -> None:
+    """Append the checkpoint's last epoch line to log.txt unless it is there already (a run
+    killed between saving the checkpoint and writing log.txt)."""
+    logged = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                logged.add(json.loads(line).get("epoch"))
+            except (ValueError, AttributeError):
+                continue
+    if entry.get("epoch") not in logged:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 def _meter_from_old_sums(rank_state: dict[str, Any], trainer: MaSSLTrainer,
