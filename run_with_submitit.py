@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import main_massl
-from utils import UserError, exit_with_error
+from utils import StopRequest, UserError, exit_with_error
 
 REPO_DIR = str(Path(__file__).resolve().parent)
 
@@ -163,7 +163,7 @@ def check_preempt_signal(submitit: types.ModuleType) -> None:
     """submitit's preemption signal must not be one main_massl.train handles itself: the
     trainer would take it, save and stop, and the job would never be requeued."""
     name = "SIG" + submitit.JobEnvironment.USR_SIG  # from $SUBMITIT_PREEMPT_SIGNAL, default USR2
-    if name in main_massl.StopRequest.SIGNALS:
+    if name in StopRequest.SIGNALS:
         raise UserError(f"SUBMITIT_PREEMPT_SIGNAL={submitit.JobEnvironment.USR_SIG}: main_massl.py "
                         f"handles {name} itself and the job would not be requeued; use USR2 "
                         "(submitit's default) or HUP")
