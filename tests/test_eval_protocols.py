@@ -400,19 +400,20 @@ def test_one_vs_two_processes_give_the_same_numbers(repo_root, fmnist_folder, re
                                                     pico_features, lowshot_one, revisited_one,
                                                     tmp_path):
     """Two processes extract the features (half each, from the images) and share the low-shot
-    jobs and the k-means restarts: the numbers are those of one process. One torchrun
-    launch runs the three scripts in turn (this file's ``__main__``)."""
+    jobs and the k-means restarts: the numbers are those of one process. (One torchrun launch
+    per script: re-creating a gloo group inside one launch raced with the old group's
+    addresses.)"""
     runs = [
-        ("eval_lowshot", ["--data_path", fmnist_folder, *PICO, *LOWSHOT_FAST,
-                          "--output_dir", tmp_path / "lowshot"]),
-        ("eval_cluster", ["--data_path", fmnist_folder, *PICO, *CLUSTER_FAST,
-                          "--output_dir", tmp_path / "cluster"]),
-        ("eval_retrieval", ["--data_path", revisited_folder, *REVISITED,
-                            "--output_dir", tmp_path / "revisited"]),
+        ("eval_lowshot.py", ["--data_path", fmnist_folder, *PICO, *LOWSHOT_FAST,
+                             "--output_dir", tmp_path / "lowshot"]),
+        ("eval_cluster.py", ["--data_path", fmnist_folder, *PICO, *CLUSTER_FAST,
+                             "--output_dir", tmp_path / "cluster"]),
+        ("eval_retrieval.py", ["--data_path", revisited_folder, *REVISITED,
+                               "--output_dir", tmp_path / "revisited"]),
     ]
-    two = run_script(repo_root, "tests/test_eval_protocols.py",
-                     json.dumps([(module, list(map(str, argv))) for module, argv in runs]), nproc=2)
-    assert two.returncode == 0, two.stderr
+    for script, argv in runs:
+        two = run_script(repo_root, script, *argv, nproc=2)
+        assert two.returncode == 0, two.stderr
     lowshot = load_json(tmp_path / "lowshot" / "lowshot_results.json")
     assert lowshot["world_size"] == 2
     for key in ("shots=1", "shots=5", "percent=10"):
@@ -571,13 +572,3 @@ def test_bad_input_gives_one_line_errors(repo_root, fmnist_folder, revisited_fol
                                      tmp_path / "rox", *out),
                       "revisited")
 
-
-if __name__ == "__main__":
-    # Under torchrun (test_one_vs_two_processes_give_the_same_numbers): run the eval scripts
-    # given as JSON [[module, argv], ...] one after the other, in these processes.
-    import importlib
-    import sys
-
-    for module_name, argv in json.loads(sys.argv[1]):
-        module = importlib.import_module(module_name)
-        module.main(module.get_args_parser().parse_args(argv))
