@@ -43,6 +43,16 @@ def test_smoke_run_ends_with_the_summary_line(smoke_run):
     # the scripts' own output was streamed, in order
     out = proc.stdout
     assert out.index("main_massl.py") < out.index("Epoch [1/1] done") < out.index("eval_knn.py")
+    # the plan before training, the progress line after the epoch
+    plan_line = re.search(r"^plan: 1 epoch of 9 steps, about \d+\.\d minutes of training \(measured "
+                          r"\S+ s/step on this machine\); whole command about \d+\.\d of 10 minutes$",
+                          out, re.MULTILINE)
+    assert plan_line, out[:3000]
+    progress = re.search(r"^progress: epoch 1/1 done at \d+\.\d min; ETA \d+\.\d min more, whole "
+                         r"command about \d+\.\d of 10 min$", out, re.MULTILINE)
+    assert progress, out
+    assert plan_line.start() < out.index("main_massl.py") < out.index("Epoch [1/1] done") \
+        < progress.start() < out.index("eval_knn.py")
     assert "RANDOMLY INITIALISED" in proc.stderr + proc.stdout
 
 
@@ -63,7 +73,17 @@ def test_smoke_run_writes_the_run_folder(smoke_run):
     assert (run_dir / "pretrain" / "checkpoint.pth").is_file()
     assert (run_dir / "pretrain" / "log.txt").is_file()
     assert any((run_dir / "pretrain" / "tensorboard").iterdir())
-    assert "Epoch [1/1] done" in (run_dir / "quickstart.log").read_text()
+    log = (run_dir / "quickstart.log").read_text()
+    assert "Epoch [1/1] done" in log and "\nplan: 1 epoch of 9 steps" in log
+    assert "\nprogress: epoch 1/1 done" in log
+    # the plan and the speed it was made from
+    plan = results["plan"]
+    assert (plan["epochs"], plan["steps_per_epoch"], plan["max_epochs"]) == (1, 9, 1)
+    assert plan["enforced"] and plan["budget_s"] == 600 and plan["step_s"] > 0
+    calibration = results["calibration"]
+    assert calibration["steps_per_epoch"] == 9 and calibration["step_s"] == plan["step_s"]
+    assert calibration["timed_steps"] >= quickstart.MIN_TIMED_STEPS
+    assert json.loads((run_dir / "plan.json").read_text())["plan"] == plan
     assert len(list((data_dir / "train").rglob("*.png"))) == 300
 
 
@@ -86,15 +106,99 @@ def test_failed_step_is_named_and_its_code_kept(tmp_path, capsys):
     assert "partial output" in (tmp_path / "log").read_text()
 
 
-def test_epochs_from_minutes_and_overrides():
-    cpu = quickstart.PRESETS["cpu"]
-    base = cpu["train"]["epochs"]
-    assert quickstart.epochs_for(cpu, None, None) == base
-    assert quickstart.epochs_for(cpu, 7, 1.0) == 7  # --epochs wins over --minutes
-    assert quickstart.epochs_for(cpu, None, 2 * cpu["minutes"]) == 2 * base
-    assert quickstart.epochs_for(cpu, None, 0.001) == 1
-    with pytest.raises(quickstart.utils.UserError):
-        quickstart.epochs_for(cpu, 0, None)
+def plan(**changes):
+    """A plan with round numbers: 600 s budget, 30 s spent, 60 s of start-ups and evaluations,
+    40 steps per epoch; (600 - 30 - 60) x (1 - 0.1) = 459 s for the epochs."""
+    assert quickstart.SAFETY_FRACTION == 0.1  # the hand-computed numbers below assume it
+    settings = dict(budget_s=600.0, elapsed_s=30.0, step_s=0.4, steps_per_epoch=40, fixed_s=60.0,
+                    max_epochs=100)
+    return quickstart.plan_epochs(**{**settings, **changes})
+
+
+def test_a_slower_machine_plans_fewer_epochs():
+    fast, slow = plan(step_s=0.4), plan(step_s=0.8)
+    assert (fast.epochs, slow.epochs) == (28, 14)  # floor(459 / 16), floor(459 / 32)
+    for p in (fast, slow):
+        assert p.enforced and not p.over_budget and not p.capped
+        assert p.total_s <= p.budget_s
+        assert p.total_s == pytest.approx(30 + 60 + p.epochs * 40 * p.step_s)
+    lines = quickstart.plan_lines(slow)
+    assert lines == ["plan: 14 epochs of 40 steps, about 7.5 minutes of training (measured 0.8 "
+                     "s/step on this machine); whole command about 9.0 of 10 minutes"]
+    # time already spent and the fixed costs come out of the same budget
+    assert plan(elapsed_s=30.0 + 160.0).epochs == 19  # floor(315 / 16)
+    assert plan(fixed_s=60.0 + 160.0).epochs == 19
+
+
+def test_per_epoch_evaluation_is_charged_to_every_epoch():
+    assert plan(step_s=0.4, epoch_eval_s=16.0).epochs == 14  # epochs of 16 + 16 s
+    assert plan(step_s=0.4, epoch_eval_s=16.0).epoch_s == 32.0
+
+
+def test_too_small_a_budget_still_trains_one_epoch_and_says_it_overruns():
+    for tiny in (plan(step_s=20.0), plan(budget_s=60.0)):  # an 800 s epoch; nothing left at all
+        assert tiny.epochs == 1 and tiny.fit_epochs == 0 and tiny.over_budget
+        lines = quickstart.plan_lines(tiny)
+        assert lines[0].startswith("plan: 1 epoch of 40 steps")
+        assert lines[1].startswith("warning: even 1 epoch overruns the")
+
+
+def test_the_presets_cap_holds_on_a_fast_machine():
+    fast = plan(step_s=0.01, max_epochs=30)
+    assert fast.epochs == 30 and fast.fit_epochs == 1147 and fast.capped  # floor(459 / 0.4)
+    assert "capped at the preset's 30 epochs (the budget would fit 1147)" in quickstart.plan_lines(fast)[1]
+    assert {name: p["max_epochs"] for name, p in quickstart.PRESETS.items()} == \
+        {"cpu": 30, "gpu": 100, "smoke": 1}
+
+
+def test_epochs_flag_overrides_the_budget():
+    forced = plan(step_s=0.8, epochs=40)  # 40 x 32 s: far over the budget, as asked
+    assert forced.epochs == 40 and not forced.enforced and not forced.capped
+    assert forced.fit_epochs == 14 and forced.total_s == pytest.approx(30 + 60 + 1280)
+    lines = quickstart.plan_lines(forced)
+    assert lines[0].startswith("plan: 40 epochs of 40 steps, about 21.3 minutes of training")
+    assert lines[1] == "      --epochs 40 given: the 10-minute budget is not enforced"
+    assert plan(epochs=500, max_epochs=30).epochs == 500  # the cap is the budget's, not --epochs'
+
+
+def test_bad_budget_flags_are_user_errors():
+    parser = quickstart.get_args_parser()
+    assert parser.parse_args([]).minutes == 10.0 and parser.parse_args([]).epochs is None
+    for bad in (["--minutes", "0"], ["--minutes", "-3"], ["--minutes", "nan"], ["--epochs", "0"]):
+        with pytest.raises(quickstart.utils.UserError):
+            quickstart.check_budget_args(parser.parse_args(bad))
+
+
+def test_progress_line_projects_the_whole_command(monkeypatch):
+    """ETA = epochs left x epoch time (the script's own for the first, then the wall clock
+    between epochs) + the evaluations still to run."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(quickstart.time, "time", lambda: clock["now"])
+    progress = quickstart.Progress(start=0.0, plan=plan(), evals_s=60.0)
+    assert progress("Epoch [1/10] it [13/40]  loss 6.0 ...") is None
+    clock["now"] = 90.0
+    assert progress("Epoch [1/10] done: loss 5.2000, 30.0 s, checkpoint saved\n") == (
+        "progress: epoch 1/10 done at 1.5 min; ETA 5.5 min more, whole command about 7.0 of 10 min")
+    clock["now"] = 126.0  # 9 x 30 + 60 = 330 s left above; now 8 x 36 + 60 = 348 s
+    assert progress("Epoch [2/10] done: loss 5.1000, 31.0 s, checkpoint saved\n") == (
+        "progress: epoch 2/10 done at 2.1 min; ETA 5.8 min more, whole command about 7.9 of 10 min")
+    unenforced = quickstart.Progress(start=0.0, plan=plan(epochs=3), evals_s=0.0)
+    assert unenforced("Epoch [3/3] done: loss 5.0, 30.0 s, checkpoint saved") == (
+        "progress: epoch 3/3 done at 2.1 min; ETA 0.0 min more, whole command about 2.1 min")
+
+
+def test_resumed_run_keeps_its_first_plan(tmp_path):
+    """A run folder with plan.json is resumed with its epochs (its schedules are fixed),
+    without timing the machine again; --epochs still overrides."""
+    first = plan(step_s=0.8)
+    quickstart.utils.write_json({"plan": first.as_dict(), "calibration": None},
+                                tmp_path / "plan.json")
+    args = quickstart.get_args_parser().parse_args(["--minutes", "1"])
+    with open(tmp_path / "log", "w") as log:
+        again, calibration = quickstart.make_plan(args, quickstart.PRESETS["cpu"], {}, tmp_path,
+                                                  "cpu", 0, tmp_path, 0.0, log)
+    assert again == first and calibration is None
+    assert "resuming this run folder's plan of 14 epochs" in (tmp_path / "log").read_text()
 
 
 def test_flags_are_what_main_massl_parses():
