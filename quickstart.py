@@ -141,11 +141,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         data and schedule: 'cpu' (a small ViT for CPUs), 'gpu' (bigger model, all images;
         untested), 'smoke' (one epoch, seconds; checks the plumbing only). Default 'auto':
         gpu when the device is CUDA, else cpu.""")
-    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="""Time budget
+    caps = ", ".join(f"{p['max_epochs']} for {name}" for name, p in PRESETS.items())
+    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help=f"""Time budget
         of the whole command (data, timing, pretraining, both evaluations) in minutes. A few
         training steps are timed on this machine first and the pretraining gets as many
-        epochs as fit (at least 1, at most the preset's max_epochs: 30 for cpu, 100 for gpu,
-        1 for smoke). A resumed run keeps the epochs of its first plan.""")
+        epochs as fit (at least 1, at most the preset's max_epochs: {caps}). A resumed run
+        keeps the epochs of its first plan.""")
     parser.add_argument("--epochs", type=int, default=None, help="""Pretraining epochs,
         instead of the budget's plan: the time budget is then not enforced (the plan line
         still says how long the run should take).""")

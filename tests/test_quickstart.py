@@ -84,6 +84,8 @@ def test_smoke_run_writes_the_run_folder(smoke_run):
     assert calibration["steps_per_epoch"] == 9 and calibration["step_s"] == plan["step_s"]
     assert calibration["timed_steps"] >= quickstart.MIN_TIMED_STEPS
     assert json.loads((run_dir / "plan.json").read_text())["plan"] == plan
+    # the timing is paid from the budget, and the final minutes are the whole command's
+    assert calibration["seconds"] <= plan["elapsed_s"] <= 60 * results["minutes"] + 1
     assert len(list((data_dir / "train").rglob("*.png"))) == 300
 
 
@@ -147,8 +149,6 @@ def test_the_presets_cap_holds_on_a_fast_machine():
     fast = plan(step_s=0.01, max_epochs=30)
     assert fast.epochs == 30 and fast.fit_epochs == 1147 and fast.capped  # floor(459 / 0.4)
     assert "capped at the preset's 30 epochs (the budget would fit 1147)" in quickstart.plan_lines(fast)[1]
-    assert {name: p["max_epochs"] for name, p in quickstart.PRESETS.items()} == \
-        {"cpu": 30, "gpu": 100, "smoke": 1}
 
 
 def test_epochs_flag_overrides_the_budget():
