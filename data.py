@@ -100,17 +100,26 @@ class DataAugmentationMaSSL:
     normalisation. Works on PIL images with torchvision's v1 transforms, the ones DINO uses
     (their PIL arithmetic is v2's, with less overhead per call); all randomness comes from
     torch's global generator.
+
+    ``color_jitter_prob``, ``grayscale_prob`` and ``solarization_prob`` default to the
+    authors' 0.8 / 0.2 / 0.2. Tiny grey images (the quick start) want 0: there the photometric
+    changes move two views of one image further apart than two images are, and training
+    contracts (README, "Troubleshooting").
     """
 
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
-                 local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96):
-        flip_and_color_jitter = [
-            transforms.RandomHorizontalFlip(p=0.5),
-            transforms.RandomApply(
+                 local_crops_number: int, global_crops_size: int = 224, local_crops_size: int = 96,
+                 color_jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
+                 solarization_prob: float = 0.2):
+        flip_and_color_jitter: list[Callable] = [transforms.RandomHorizontalFlip(p=0.5)]
+        if color_jitter_prob > 0:
+            flip_and_color_jitter.append(transforms.RandomApply(
                 [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
-                p=0.8),
-            transforms.RandomGrayscale(p=0.2),
-        ]
+                p=color_jitter_prob))
+        if grayscale_prob > 0:
+            flip_and_color_jitter.append(transforms.RandomGrayscale(p=grayscale_prob))
+        solarize = ([transforms.RandomSolarize(threshold=128, p=solarization_prob)]
+                    if solarization_prob > 0 else [])
         to_tensor = ToNormalizedTensor(utils.IMAGENET_MEAN, utils.IMAGENET_STD)
 
         def crop(size: int, scale: Sequence[float]) -> transforms.RandomResizedCrop:
@@ -127,7 +136,7 @@ class DataAugmentationMaSSL:
             crop(global_crops_size, global_crops_scale),
             *flip_and_color_jitter,
             RandomGaussianBlur(p=0.1),
-            transforms.RandomSolarize(threshold=128, p=0.2),
+            *solarize,
             to_tensor,
         ])
         self.local_crops_number = local_crops_number

@@ -148,6 +148,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "e.g. 28 (with --patch_size 4) for 28 px images on CPU. Reference runs: 224."))
     group.add_argument("--local_crops_size", default=96, type=int, help=(
         "Side of the local crops in pixels. Reference runs: 96."))
+    group.add_argument("--color_jitter_prob", default=0.8, type=float, help=(
+        "Probability of colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) "
+        "per crop. Reference runs: 0.8. Tiny grey images (the quick start) want 0: see README, "
+        "Troubleshooting, on views that disagree."))
+    group.add_argument("--grayscale_prob", default=0.2, type=float, help=(
+        "Probability of converting a crop to grayscale. Reference runs: 0.2."))
+    group.add_argument("--solarization_prob", default=0.2, type=float, help=(
+        "Probability of solarizing global crop 2. Reference runs: 0.2. Quick start: 0."))
 
     group = parser.add_argument_group("data, output and launching")
     group.add_argument("--data_path", required=True, type=str, help=(
@@ -206,6 +214,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
          f"processes): the memory is refilled one global batch at a time")
     need(args.bottleneck_dim >= 1, "--bottleneck_dim must be positive")
     need(args.local_crops_number >= 0, "--local_crops_number must be >= 0")
+    for name in ("color_jitter_prob", "grayscale_prob", "solarization_prob"):
+        need(0.0 <= getattr(args, name) <= 1.0, f"--{name} must be in [0, 1]")
     for name in ("global_crops_scale", "local_crops_scale"):
         low, high = getattr(args, name)
         need(0 < low <= high <= 1, f"--{name} needs 0 < MIN <= MAX <= 1, got {low} {high}")
@@ -260,7 +270,8 @@ def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str
     try:
         transform = DataAugmentationMaSSL(args.global_crops_scale, args.local_crops_scale,
                                           args.local_crops_number, args.global_crops_size,
-                                          args.local_crops_size)
+                                          args.local_crops_size, args.color_jitter_prob,
+                                          args.grayscale_prob, args.solarization_prob)
         dataset = build_pretrain_dataset(args.data_path, transform, args.skip_bad_images)
 
         owns_process_group = not utils.is_dist()

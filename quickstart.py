@@ -307,7 +307,8 @@ def calibrate(train_options: dict[str, Any], data_dir: Path, device: str) -> Cal
     main_massl.check_args(args, world_size=1)
     dataset = build_pretrain_dataset(args.data_path, DataAugmentationMaSSL(
         args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-        args.global_crops_size, args.local_crops_size))
+        args.global_crops_size, args.local_crops_size, args.color_jitter_prob,
+        args.grayscale_prob, args.solarization_prob))
     B, accum = args.batch_size_per_gpu, args.gradient_accumulation
     steps_per_epoch = len(dataset) // B // accum
     if steps_per_epoch == 0:

@@ -50,6 +50,28 @@ VARIANTS: dict[str, dict[str, Any]] = {
               "warmup_teacher_temp": 0.05, "warmup_epochs": 0},
     # multi-crop consistency with 2x2-patch local crops is the easiest thing to satisfy by
     # making every view alike: does the drift need local crops at all?
+    "bn_head": {"koleo_loss_weight": 0.0, "use_bn_in_head": True},
+    "bn_head_tt_0.02": {"koleo_loss_weight": 0.0, "use_bn_in_head": True, "teacher_temp": 0.02,
+                        "warmup_teacher_temp": 0.02},
+    "tt_0.01": {"koleo_loss_weight": 0.0, "teacher_temp": 0.01, "warmup_teacher_temp": 0.01},
+    "ts_0.2": {"koleo_loss_weight": 0.0, "student_temp": 0.2},
+    # Views that agree: milder crops (the collapse mechanism, README troubleshooting)
+    "crops_0.6": {"koleo_loss_weight": 0.0, "global_crops_scale": (0.6, 1.0),
+                  "local_crops_scale": (0.25, 0.6)},
+    "crops_0.8": {"koleo_loss_weight": 0.0, "global_crops_scale": (0.8, 1.0),
+                  "local_crops_scale": (0.4, 0.8)},
+    "crops_0.6_bn_head": {"koleo_loss_weight": 0.0, "global_crops_scale": (0.6, 1.0),
+                          "local_crops_scale": (0.25, 0.6), "use_bn_in_head": True},
+    "crops_0.6_no_locals": {"koleo_loss_weight": 0.0, "global_crops_scale": (0.6, 1.0),
+                            "local_crops_number": 0},
+    # ... and photometric changes off: on tiny grey images they move views furthest apart
+    "photo_off": {"koleo_loss_weight": 0.0, "color_jitter_prob": 0.0, "grayscale_prob": 0.0,
+                  "solarization_prob": 0.0},
+    "photo_off_crops_0.6": {"koleo_loss_weight": 0.0, "color_jitter_prob": 0.0,
+                            "grayscale_prob": 0.0, "solarization_prob": 0.0,
+                            "global_crops_scale": (0.6, 1.0), "local_crops_scale": (0.25, 0.6)},
+    "no_solarization": {"koleo_loss_weight": 0.0, "solarization_prob": 0.0},
+    "no_color_jitter": {"koleo_loss_weight": 0.0, "color_jitter_prob": 0.0},
     "no_locals": {"koleo_loss_weight": 0.0, "local_crops_number": 0},
     "tt_0.03_batch_256": {"koleo_loss_weight": 0.0, "teacher_temp": 0.03,
                           "warmup_teacher_temp": 0.03, "batch_size_per_gpu": 256},
