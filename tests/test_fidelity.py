@@ -297,3 +297,43 @@ def test_augmentation_is_seeded_by_torchs_generator(real_image):
     assert [tuple(c.shape) for c in crops[0]] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
     assert all(torch.equal(a, b) for a, b in zip(crops[0], crops[1]))
     assert not any(torch.equal(a, b) for a, b in zip(crops[0], crops[2]))
+
+
+def test_photometric_probabilities_are_flags_with_the_authors_defaults():
+    # Defaults: jitter 0.8 and grayscale 0.2 on every crop, solarization 0.2 on global crop 2.
+    def probabilities(aug):
+        found = {}
+        for name, seq in augmentation_steps(aug).items():
+            for t in seq:
+                if isinstance(t, transforms.RandomApply):
+                    assert isinstance(t.transforms[0], transforms.ColorJitter)
+                    found[(name, "jitter")] = t.p
+                elif isinstance(t, transforms.RandomGrayscale):
+                    found[(name, "gray")] = t.p
+                elif isinstance(t, transforms.RandomSolarize):
+                    found[(name, "solarize")] = t.p
+        return found
+
+    default = probabilities(data.DataAugmentationMaSSL((0.32, 1.0), (0.05, 0.32), 2, 32, 16))
+    crops = ("global_transfo1", "global_transfo2", "local_transfo")
+    assert default == {**{(c, "jitter"): 0.8 for c in crops}, **{(c, "gray"): 0.2 for c in crops},
+                       ("global_transfo2", "solarize"): 0.2}
+    changed = probabilities(data.DataAugmentationMaSSL((0.32, 1.0), (0.05, 0.32), 2, 32, 16,
+                                                       color_jitter_prob=0.5, grayscale_prob=0.0,
+                                                       solarization_prob=1.0))
+    assert changed == {**{(c, "jitter"): 0.5 for c in crops}, ("global_transfo2", "solarize"): 1.0}
+
+
+def test_without_photometric_changes_views_differ_only_by_crop_flip_and_blur():
+    # A flat grey image: crops, flips and blur leave it as it is; jitter/solarize would not.
+    grey = Image.new("RGB", (40, 40), (200, 200, 200))
+    expected = data.ToNormalizedTensor(utils.IMAGENET_MEAN, utils.IMAGENET_STD)(
+        Image.new("RGB", (16, 16), (200, 200, 200)))
+    off = data.DataAugmentationMaSSL((0.32, 1.0), (0.05, 0.32), 4, 16, 16, color_jitter_prob=0.0,
+                                     grayscale_prob=0.0, solarization_prob=0.0)
+    on = data.DataAugmentationMaSSL((0.32, 1.0), (0.05, 0.32), 4, 16, 16)
+    torch.manual_seed(0)
+    for _ in range(5):
+        assert all(torch.allclose(c, expected, atol=1e-6) for c in off(grey))
+    torch.manual_seed(0)
+    assert not all(torch.allclose(c, expected, atol=1e-6) for _ in range(5) for c in on(grey))

@@ -403,6 +403,14 @@ def test_non_finite_float_flags_are_refused_at_start(flat50, tmp_path, capsys):
     assert one_error_line(err) == "error: --weight_decay nan: must be a finite number"
 
 
+def test_augmentation_probabilities_outside_0_1_are_refused(flat50, tmp_path, capsys):
+    for flag in ("--color_jitter_prob", "--grayscale_prob", "--solarization_prob"):
+        code, _, err = run_main(PICO + ["--batch_size_per_gpu", "16", "--data_path", str(flat50),
+                                        "--output_dir", str(tmp_path / "out"), flag, "1.5"], capsys)
+        assert code == 2 and f"{flag} must be in [0, 1]" in one_error_line(err), (flag, err)
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("script, argv, pattern", [
     (eval_knn, ["--temperature", "0"], "--temperature must be > 0"),
     (eval_knn, ["--temperature", "-0.07"], "--temperature must be > 0"),
