@@ -174,3 +174,16 @@ def test_bad_options_give_one_line_errors(repo_root, script, argv, message):
     proc = run_script(repo_root, f"benchmarks/{script}", *device, *argv, expect_rc=2)
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:")
+
+
+def test_collapse_toy_contracts_only_when_views_disagree(repo_root, monkeypatch):
+    # The mechanism README's troubleshooting states: views that agree spread the embeddings,
+    # views further apart than images are pull every embedding into one cone.
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    from collapse_toy import run
+    small = dict(teacher_temp=0.05, steps=121, batch=64, memory=1024, block=256, n_views=4)
+    agree = run(view_noise=0.3, **small)
+    disagree = run(view_noise=1.0, **small)
+    assert agree[0][2] == pytest.approx(disagree[0][2], abs=1e-3)  # the same start
+    assert agree[-1][2] < agree[0][2] - 0.02
+    assert disagree[-1][2] > disagree[0][2] + 0.25
