@@ -238,9 +238,10 @@ class MaSSLTrainer:
         student, teacher, self.embed_dim = build_networks(args)
         self.memory = MemoryBank(args.out_dim, args.bottleneck_dim).to(device)
         student, teacher = student.to(device), teacher.to(device)
-        check_backbone_accepts_crops(teacher.backbone, args.arch,
-                                     [args.global_crops_size] + [args.local_crops_size] * (
-                                         args.local_crops_number > 0), device)
+        sizes = [args.global_crops_size] + [args.local_crops_size] * (args.local_crops_number > 0)
+        if getattr(args, "knn_data_path", ""):  # the online k-NN's images, checked now too
+            sizes.append(args.knn_crop_size or args.global_crops_size)
+        check_backbone_accepts_crops(teacher.backbone, args.arch, sizes, device)
         if args.use_bn_in_head and env.distributed and device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
