@@ -318,11 +318,13 @@ class MaSSLTrainer:
                     student_out = self.ddp_student(crops)
                     with torch.no_grad():
                         teacher_out = self.teacher(crops[:2])
-                    massl = self.criterion(student_out, teacher_out, self.memory.features,
-                                           values["teacher_temp"], perm=perm,
-                                           return_probs=monitor)
                     if monitor:
-                        massl, probs = massl
+                        massl, probs = self.criterion(
+                            student_out, teacher_out, self.memory.features,
+                            values["teacher_temp"], perm=perm, return_probs=True)
+                    else:
+                        massl = self.criterion(student_out, teacher_out, self.memory.features,
+                                               values["teacher_temp"], perm=perm)
                     parts = {"massl": massl}
                     loss = massl
                     if self.koleo is not None:
