@@ -338,8 +338,9 @@ def build_online_knn(args: argparse.Namespace) -> OnlineKNN | None:
     if not args.knn_data_path:
         return None
     crop = args.knn_crop_size or args.global_crops_size
-    return OnlineKNN(args.knn_data_path, resize_size=args.knn_resize_size or default_knn_resize(crop),
-                     crop_size=crop, max_train=args.knn_max_train, max_val=args.knn_max_val,
+    resize = args.knn_resize_size or default_knn_resize(crop)
+    return OnlineKNN(args.knn_data_path, resize_size=resize, crop_size=crop,
+                     max_train=args.knn_max_train, max_val=args.knn_max_val,
                      batch_size=args.batch_size_per_gpu,
                      num_workers=usable_workers(args.num_workers), seed=args.seed)
 

@@ -371,10 +371,10 @@ def print_result(r: dict) -> None:
     elif r["compare"] == "monitor":
         plain, monitored = r["rows"]
         extra = monitored["step_s"] - plain["step_s"]
+        share = extra / plain["step_s"]
         print(f"ratio: a step with health metrics (main_massl.py's logging steps) takes "
-              f"{bu.fmt_seconds(extra)} more than one without ({100 * extra / plain['step_s']:+.1f}%);"
-              f" every --print_freq 50 steps that is {100 * extra / (50 * plain['step_s']):.2f}% "
-              "of the training time")
+              f"{bu.fmt_seconds(extra)} more than one without ({100 * share:+.1f}%); every "
+              f"--print_freq 50 steps that is {100 * share / 50:.2f}% of the training time")
     elif r["compare"] == "formulation":
         authors, ours = r["rows"]
         print(f"ratio: ours/authors images/s {ours['speedup']:.2f}x (median of per-round "
