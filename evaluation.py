@@ -272,13 +272,18 @@ def gather_in_order(local: torch.Tensor, num_items: int, out_device: torch.devic
 @torch.no_grad()
 def extract_features(featurize: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset,
                      feature_dim: int, batch_size: int, num_workers: int, device: torch.device,
-                     out_device: torch.device | str | None = None) -> torch.Tensor:
+                     out_device: torch.device | str | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """``featurize`` over the whole dataset once, split across ranks: ``(len(dataset), feature_dim)``
-    in dataset order on every rank (on ``out_device``, default ``device``)."""
+    in dataset order on every rank (on ``out_device``, default ``device``).
+
+    ``generator`` seeds the loader (its workers' base seed); without one, the DataLoader
+    draws that seed from the global torch RNG, which the online k-NN of a training run must
+    leave alone."""
     num_items = len(dataset)
     shard = Subset(dataset, list(shard_range(num_items, utils.get_rank(), utils.get_world_size())))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", drop_last=False)
+                        pin_memory=device.type == "cuda", drop_last=False, generator=generator)
     chunks = [torch.empty(0, feature_dim, device=device)]
     for images, _ in loader:
         chunks.append(featurize(images.to(device, non_blocking=True)).float())

@@ -33,6 +33,9 @@ from typing import Any, Iterator
 import utils
 from data import (DataAugmentationMaSSL, PretrainDataset, PretrainSampler, build_loader,
                   build_pretrain_dataset, mix_seed, shutdown_loader_workers)
+from evaluation import usable_workers
+from monitor import (HEALTH_KEYS, CollapseDetector, OnlineKNN, default_knn_resize,
+                     format_health)
 from trainer import MaSSLTrainer, NonFiniteLossError, load_checkpoint
 from vision_transformer import VIT_ARCHS, UnknownArchError, check_arch
 
@@ -186,6 +189,28 @@ def get_args_parser() -> argparse.ArgumentParser:
         "the GPU of its LOCAL_RANK."))
     group.add_argument("--local-rank", "--local_rank", dest="local_rank", default=0, type=int,
                        help="Set by old launchers; ignored in favour of the LOCAL_RANK variable.")
+
+    group = parser.add_argument_group("monitoring (README: Monitoring a run)")
+    group.add_argument("--health_metrics", default=True, type=utils.bool_flag, help=(
+        "Every --print_freq steps, log block entropies, student-teacher agreement, memory usage "
+        "and spread, and the gradient norm (read off tensors the step has; no extra forward), "
+        "and warn when they look collapsed. Default true."))
+    group.add_argument("--knn_data_path", default="", type=str, help=(
+        "Labelled ImageFolder with train/<class>/* and val/<class>/* for an online k-NN of the "
+        "teacher backbone (eval_knn.py's protocol, k=20, T=0.07) every --knn_freq epochs and "
+        "after the last one, logged as knn_top1. Default: none."))
+    group.add_argument("--knn_freq", default=10, type=int, help=(
+        "Epochs between online k-NN evaluations (the last epoch is always evaluated)."))
+    group.add_argument("--knn_max_train", default=50000, type=int, help=(
+        "Use at most this many images of KNN_DATA/train (a fixed class-balanced subset chosen "
+        "from --seed); 0: all. Bounds the k-NN's cost (every image goes through the teacher)."))
+    group.add_argument("--knn_max_val", default=10000, type=int, help=(
+        "Use at most this many images of KNN_DATA/val (fixed, class-balanced); 0: all."))
+    group.add_argument("--knn_crop_size", default=None, type=int, help=(
+        "Centre-crop size of the k-NN images. Default: --global_crops_size (224 for ImageNet)."))
+    group.add_argument("--knn_resize_size", default=None, type=int, help=(
+        "Shorter side after the bicubic resize, before the crop. Default: 256/224 of the crop "
+        "(256 for 224, as eval_knn.py); for small images pass the image size (e.g. 28)."))
     return parser
 
 
@@ -240,6 +265,14 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     need(args.print_freq >= 1, "--print_freq must be at least 1")
     need(args.saveckp_freq >= 0, "--saveckp_freq must be >= 0")
     need(args.num_workers >= 0, "--num_workers must be >= 0")
+    need(args.knn_freq >= 1, "--knn_freq must be at least 1")
+    need(args.knn_max_train >= 0 and args.knn_max_val >= 0,
+         "--knn_max_train and --knn_max_val must be >= 0 (0: all images)")
+    for name in ("knn_crop_size", "knn_resize_size"):
+        need(getattr(args, name) is None or getattr(args, name) >= 1, f"--{name} must be positive")
+    if args.knn_crop_size is not None and args.arch in VIT_ARCHS:
+        need(args.knn_crop_size >= args.patch_size,
+             f"--knn_crop_size {args.knn_crop_size} is smaller than --patch_size {args.patch_size}")
     bad_floats = [f"--{name} {value}" for name, value in sorted(vars(args).items())
                   if isinstance(value, float) and not math.isfinite(value)]
     need(not bad_floats, f"{', '.join(bad_floats)}: must be a finite number")
@@ -273,6 +306,7 @@ def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str
                                           args.local_crops_size, args.color_jitter_prob,
                                           args.grayscale_prob, args.solarization_prob)
         dataset = build_pretrain_dataset(args.data_path, transform, args.skip_bad_images)
+        knn = build_online_knn(args)
 
         owns_process_group = not utils.is_dist()
         env = utils.init_distributed(device=args.device)
@@ -281,7 +315,7 @@ def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str
             if install_signal_handlers and not stop.install():
                 print("warning: train() not called from the main thread: SIGTERM/SIGUSR1 will "
                       "not trigger a save", file=sys.stderr, flush=True)
-            return _train(args, env, dataset, stop)
+            return _train(args, env, dataset, stop, knn)
         finally:
             stop.restore()
             if owns_process_group:
@@ -304,7 +338,22 @@ class ResumePoint:
     step: int = 0
     sample: int = 0
     meter: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     epoch_time_s: float = 0.0
+
+
+def build_online_knn(args: argparse.Namespace) -> OnlineKNN | None:
+    """The online k-NN that ``--knn_data_path`` asks for (its folders checked now, before
+    any training), or None."""
+    if not args.knn_data_path:
+        return None
+    crop = args.knn_crop_size or args.global_crops_size
+    resize = args.knn_resize_size or default_knn_resize(crop)
+    return OnlineKNN(args.knn_data_path, resize_size=resize, crop_size=crop,
+                     max_train=args.knn_max_train, max_val=args.knn_max_val,
+                     batch_size=args.batch_size_per_gpu,
+                     num_workers=usable_workers(args.num_workers), seed=args.seed)
 
 
 class RunLog:
@@ -318,6 +367,10 @@ class RunLog:
         self.writer = None
         self.run_start = self.window_start = time.time()
         self.first_global_step = 0
+        # Collapse warnings: the detector runs on every rank (it sees the same values on
+        # all); the epoch's warnings also go into its log.txt line.
+        self.detector = CollapseDetector() if args.health_metrics else None
+        self.epoch_warnings: list[str] = []
 
     def __call__(self, message: str) -> None:
         if self.is_main:
@@ -341,10 +394,13 @@ class RunLog:
             self.writer.close()
 
     def step(self, epoch: int, step: int, global_step: int, meter: utils.MetricMeter,
-             epoch_start: float, first_step: int) -> None:
-        """One console line (and TensorBoard scalars) for the steps since the last one."""
+             health: utils.MetricMeter, epoch_start: float, first_step: int,
+             n_tensors: int) -> None:
+        """One console line (and TensorBoard scalars) for the steps since the last one, and
+        one with the health metrics of this step when it computed them."""
         now = time.time()
         values = meter.window_means()
+        health_values = health.window_means()
         elapsed = now - self.window_start
         sec_per_step = elapsed / max(meter.window_count, 1)
         values["images_per_sec"] = values.pop("images", 0.0) / max(sec_per_step, 1e-9)
@@ -361,10 +417,17 @@ class RunLog:
              f"{values['images_per_sec']:.1f} img/s  {sec_per_step:.3f} s/it "
              f"(data {values.pop('data_s'):.3f})  "
              f"ETA {format_seconds(eta_epoch)} epoch, {format_seconds(eta_total)} total")
+        if health_values:
+            self(format_health(health_values, n_tensors))
+        if self.detector is not None:
+            for warning in self.detector.update(health_values):
+                self(f"{warning} [epoch {epoch + 1} it {step}]")
+                self.epoch_warnings.append(warning)
         if self.writer is not None:
-            for key, value in values.items():
+            for key, value in {**values, **health_values}.items():
                 self.writer.add_scalar(f"train/{key}", value, global_step)
         meter.reset_window()
+        health.reset_window()
         self.window_start = now
 
     def epoch(self, entry: dict[str, Any]) -> None:
@@ -373,6 +436,8 @@ class RunLog:
             for key, value in entry.items():
                 if key.startswith("train_"):
                     self.writer.add_scalar(f"epoch/{key[len('train_'):]}", value, entry["epoch"])
+                elif key.startswith("knn_"):
+                    self.writer.add_scalar(f"knn/{key[len('knn_'):]}", value, entry["epoch"])
             self.writer.flush()
         if self.is_main:
             with open(self.output_dir / "log.txt", "a") as f:
@@ -380,7 +445,7 @@ class RunLog:
 
 
 def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDataset,
-           stop: utils.StopRequest) -> str:
+           stop: utils.StopRequest, knn: OnlineKNN | None = None) -> str:
     world, B, accum = env.world_size, args.batch_size_per_gpu, args.gradient_accumulation
     check_args(args, world)  # the real world size, in case the launcher's variables lied
     steps_per_epoch = len(dataset) // world // B // accum
@@ -411,12 +476,14 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
         f"{accum} micro-batches = {trainer.images_per_step} per step, {steps_per_epoch} steps per "
         f"epoch; lr {trainer.base_lr:.3g} (= {args.lr:g} x {trainer.images_per_step} / 256); "
         f"device {env.device}{amp}")
+    if knn is not None:
+        log(f"{knn.describe()}; every {args.knn_freq} epoch(s) and after the last")
     log.open_tensorboard(trainer.global_step)
     log(f"training from epoch {start.epoch + 1} to {args.epochs}")
     try:
         for epoch in range(start.epoch, args.epochs):
             resumed = start if epoch == start.epoch else ResumePoint(epoch=epoch)
-            stopped = run_epoch(trainer, loader, sampler, resumed, stop, log)
+            stopped = run_epoch(trainer, loader, sampler, resumed, stop, log, knn)
             if stopped is not None:
                 where = (f"epoch {epoch + 1} step {stopped}/{steps_per_epoch}"
                          if stopped < steps_per_epoch else f"the end of epoch {epoch + 1}")
@@ -431,51 +498,91 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
 
 
 def run_epoch(trainer: MaSSLTrainer, loader: Any, sampler: PretrainSampler, start: ResumePoint,
-              stop: utils.StopRequest, log: RunLog) -> int | None:
+              stop: utils.StopRequest, log: RunLog, knn: OnlineKNN | None = None) -> int | None:
     """Train ``start.epoch`` from ``start``; save the checkpoint at its end, or mid-epoch when a
-    stop signal arrives. Returns None, or the step in the epoch at which the run stopped."""
+    stop signal arrives. Returns None, or the step in the epoch at which the run stopped.
+
+    Health metrics are computed on logging steps only (every ``--print_freq`` steps and the
+    epoch's last), so the other steps pay nothing; the online k-NN runs at the epoch's end,
+    before the checkpoint that carries the epoch's log line."""
     args, epoch, spe = trainer.args, start.epoch, trainer.steps_per_epoch
     sampler.set_epoch(epoch)
     sampler.set_start(start.sample)
-    meter = utils.MetricMeter()
+    meter, health = utils.MetricMeter(), utils.MetricMeter()  # health: logging steps only
     if start.meter:
         meter.load_state_dict(start.meter)
+    if start.health:
+        health.load_state_dict(start.health)
+    log.epoch_warnings = list(start.warnings)
     trainer.global_step = epoch * spe + start.step
     data = TimedIterator(iter(loader))
     epoch_start = time.time() - start.epoch_time_s
     log.window_start = time.time()
     stopping = False
     for step in range(start.step + 1, spe + 1):
+        logging_step = step % args.print_freq == 0 or step == spe
         metrics = trainer.train_step(itertools.islice(data, trainer.accum),
-                                     stop_requested=stop.signal_name is not None)
+                                     stop_requested=stop.signal_name is not None,
+                                     monitor=args.health_metrics and logging_step)
         stopping = metrics.pop("stop") > 0
+        health.update(**{k: metrics.pop(k) for k in HEALTH_KEYS if k in metrics})
         meter.update(**metrics, images=trainer.images_per_step, data_s=data.pop_wait())
-        if step % args.print_freq == 0 or step == spe or stopping:
-            log.step(epoch, step, trainer.global_step, meter, epoch_start, start.step)
+        if logging_step or stopping:
+            log.step(epoch, step, trainer.global_step, meter, health, epoch_start, start.step,
+                     len(trainer.params))
         if stopping and step < spe:
-            save_checkpoint(trainer, log.output_dir, epoch, step, meter,
-                            time.time() - epoch_start)
+            save_checkpoint(trainer, log.output_dir, epoch, step,
+                            epoch_state(meter, health, time.time() - epoch_start, log))
             return step
     epoch_time = time.time() - epoch_start
     stats = meter.epoch_means(trainer.device)
     stats.pop("data_s", None)
     stats["images_per_sec"] = stats.pop("images") / max(epoch_time / meter.count, 1e-9)
     stats["epoch_time_s"] = epoch_time
-    entry = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in sorted(stats.items())},
-             "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    if health.count:
+        stats.update(health.epoch_means(trainer.device))
+    entry = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in sorted(stats.items())}}
+    if knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+        if stopping:  # the job has seconds left: save first (this epoch's k-NN is skipped)
+            log(f"Epoch [{epoch + 1}/{args.epochs}] online k-NN skipped: stop signal")
+        else:
+            result = knn.evaluate(trainer.teacher.backbone, trainer.embed_dim, trainer.device)
+            entry.update(knn_top1=result.top1, knn_seconds=result.seconds)
+            log(f"Epoch [{epoch + 1}/{args.epochs}] online k-NN top-1 (k={result.k}, "
+                f"{result.num_train} train / {result.num_val} val images): {result.top1:.2f}% "
+                f"({result.seconds:.1f} s)")
+    if log.epoch_warnings:
+        entry["warnings"] = log.epoch_warnings
+    entry["time"] = datetime.datetime.now().isoformat(timespec="seconds")
     if trainer.env.distributed:
         entry["rank_fingerprints"] = utils.gather_objects(trainer.fingerprint())
         if any(fp != entry["rank_fingerprints"][0] for fp in entry["rank_fingerprints"]):
             log("warning: teacher/memory differ across ranks (see rank_fingerprints)")
     # The checkpoint first: it carries the epoch's log line, which resume() writes to log.txt
     # if a kill between the two lost it.
-    save_checkpoint(trainer, log.output_dir, epoch + 1, 0, None, 0.0,
+    save_checkpoint(trainer, log.output_dir, epoch + 1, 0, epoch_state(None, None, 0.0, log),
                     numbered=args.saveckp_freq > 0 and (epoch + 1) % args.saveckp_freq == 0,
                     log_entry=entry)
     log.epoch(entry)
     log(f"Epoch [{epoch + 1}/{args.epochs}] done: loss {stats['loss']:.4f}, "
         f"{epoch_time:.1f} s, checkpoint saved")
     return spe if stopping else None
+
+
+def epoch_state(meter: utils.MetricMeter | None, health: utils.MetricMeter | None,
+                epoch_time_s: float, log: RunLog) -> dict[str, Any]:
+    """What each rank saves of the run's progress besides the training state: the partial
+    epoch's metric sums (mid-epoch), and the collapse detector's streaks, so a resumed run
+    reports the same epoch means and warnings as one that was never stopped."""
+    state: dict[str, Any] = {}
+    if meter is not None:
+        state.update(meter=meter.state_dict(), epoch_time_s=epoch_time_s,
+                     warnings=list(log.epoch_warnings))
+    if health is not None:
+        state["health"] = health.state_dict()
+    if log.detector is not None:
+        state["collapse"] = log.detector.state_dict()
+    return state
 
 
 class TimedIterator:
@@ -538,13 +645,13 @@ def check_resume_file(args: argparse.Namespace, output_dir: Path) -> None:
 
 
 def save_checkpoint(trainer: MaSSLTrainer, output_dir: Path, epoch: int, step: int,
-                    meter: utils.MetricMeter | None, epoch_time_s: float,
-                    numbered: bool = False, log_entry: dict[str, Any] | None = None) -> None:
+                    rank_state: dict[str, Any], numbered: bool = False,
+                    log_entry: dict[str, Any] | None = None) -> None:
     """Atomically write checkpoint.pth (and checkpointNNNN.pth) on rank 0; collective.
 
-    ``epoch`` epochs and ``step`` optimizer steps of the next one are done; the partial
-    epoch's metrics travel per rank so a resumed epoch reports the same means."""
-    rank_state = {"meter": meter.state_dict(), "epoch_time_s": epoch_time_s} if meter else {}
+    ``epoch`` epochs and ``step`` optimizer steps of the next one are done; ``rank_state``
+    (``epoch_state``: e.g. the partial epoch's metrics) travels per rank so a resumed epoch
+    reports the same means."""
     ckpt = trainer.state_dict(rank_state)
     ckpt.update(epoch=epoch, iteration=step, epoch_images_done=step * trainer.images_per_step)
     if log_entry is not None:
@@ -599,9 +706,13 @@ def resume(trainer: MaSSLTrainer, args: argparse.Namespace, output_dir: Path,
     if rank_state is None:
         log(f"note: {source} was saved by {len(ckpt.get('rank_states', []))} processes, this run "
             f"has {world}: random streams are reseeded, so the run will not replay exactly")
-    elif point.step > 0:
+    elif log.detector is not None and "collapse" in rank_state:
+        log.detector.load_state_dict(rank_state["collapse"])
+    if rank_state is not None and point.step > 0:
         point.meter = rank_state.get("meter") or _meter_from_old_sums(
             rank_state, trainer, epoch * spe + point.step)
+        point.health = rank_state.get("health") or {}
+        point.warnings = list(rank_state.get("warnings") or [])
         point.epoch_time_s = float(rank_state.get("epoch_time_s",
                                                   rank_state.get("epoch_sums", {}).get("time_s", 0)))
     trainer.global_step = point.epoch * spe + point.step

@@ -1,12 +1,25 @@
 """The MaSSL loss: view-to-memory distributions matched across crops (spec steps 4-6)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MaSSLLoss", "KoLeoLoss"]
+__all__ = ["MaSSLLoss", "KoLeoLoss", "BlockProbs"]
+
+
+class BlockProbs(NamedTuple):
+    """The block softmaxes a loss call computed, for monitoring (``monitor.py``); no gradient.
+
+    ``student`` is ``(V, B, n * P)``: the loss's own buffer (not a copy), valid until the
+    next loss call; ``teacher`` is ``(G, B, n * P)``. Slot ``b * P + p`` of the last axis is
+    memory row ``perm[b * P + p]``.
+    """
+    student: torch.Tensor
+    teacher: torch.Tensor
 
 
 class MaSSLLoss(nn.Module):
@@ -89,9 +102,12 @@ class MaSSLLoss(nn.Module):
     def forward(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor,
                 memory_features: torch.Tensor, teacher_temp: float,
                 perm: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None,
+                return_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, BlockProbs]:
         """Scalar loss. ``perm`` (a permutation of ``range(K)``) fixes the random blocks;
-        when ``None`` a fresh one is drawn with ``generator`` (on the memory's device)."""
+        when ``None`` a fresh one is drawn with ``generator`` (on the memory's device).
+        ``return_probs``: return ``(loss, BlockProbs)``, the block softmaxes the loss already
+        computed (no extra copy; the loss and its gradient are the same either way)."""
         V, B = self._check(student_emb, teacher_emb, memory_features)
         G, P = self.n_global_crops, self.block_size
         K = memory_features.shape[0]
@@ -108,7 +124,12 @@ class MaSSLLoss(nn.Module):
             with torch.no_grad():
                 t = (teacher_emb.detach().float() @ blocks.T).div_(teacher_temp)
                 t = t.view(G, B * n_blocks, P).softmax(dim=-1).view(G, B, n_blocks * P)
-            return _BlockCrossEntropy.apply(student_emb.float(), blocks, t, P, self.student_temp)
+            sink: list[torch.Tensor] | None = [] if return_probs else None
+            loss = _BlockCrossEntropy.apply(student_emb.float(), blocks, t, P, self.student_temp,
+                                            sink)
+        if return_probs:
+            return loss, BlockProbs(student=sink[0].view(V, B, n_blocks * P), teacher=t)
+        return loss
 
 
 class _BlockCrossEntropy(torch.autograd.Function):
@@ -124,7 +145,7 @@ class _BlockCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, blocks, t, block_size, temp):
+    def forward(ctx, z, blocks, t, block_size, temp, sink=None):
         G, B, KP = t.shape
         V = z.shape[0] // B
         logits = (z * (1.0 / temp)) @ blocks.T                       # (V*B, n*P)
@@ -138,6 +159,8 @@ class _BlockCrossEntropy(torch.autograd.Function):
         s.sub_(peak).exp_()
         total = s.sum(dim=-1, keepdim=True)
         s.div_(total)                                                 # logits now hold softmax
+        if sink is not None:  # a reference to the buffer for monitoring, not a copy
+            sink.append(logits.detach())
         lse = (peak + total.log()).view(V, -1).sum(dim=1)             # per crop
         n_teachers = torch.full((V,), float(G), device=z.device)
         n_teachers[:G] = G - 1
@@ -158,7 +181,7 @@ class _BlockCrossEntropy(torch.autograd.Function):
         probs, blocks, others, n_rows = ctx.saved_tensors
         with torch.autocast(device_type=probs.device.type, enabled=False):
             grad_z = (n_rows[:, None] * (probs @ blocks) - others) * (grad * ctx.scale)
-        return grad_z, None, None, None, None
+        return grad_z, None, None, None, None, None
 
 
 class KoLeoLoss(nn.Module):

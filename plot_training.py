@@ -1,10 +1,13 @@
-"""Plot a training run's ``log.txt`` as curves over epochs: loss, learning rate, k-NN accuracy.
+"""Plot a training run's ``log.txt`` as curves over epochs: loss, learning rate, k-NN accuracy
+and the health metrics (README, "Monitoring a run"), in one PNG.
 
 ``main_massl.py`` appends one JSON object per epoch to ``<output_dir>/log.txt``, e.g.
-``{"epoch": 3, "train_loss": 7.91, "train_lr": 0.0005, "train_wd": 0.05, ...}``. This script
-plots every numeric key whose name contains ``loss`` (one panel), ``lr`` (one panel) and
-``knn``/``acc`` (one panel, only if the log has such keys; evaluations that ran every few
-epochs show as points on those epochs).
+``{"epoch": 3, "train_loss": 7.91, "train_lr": 0.0005, "knn_top1": 41.2, ...}``. This script
+plots every numeric key whose name contains ``loss`` (one panel), ``lr`` (one panel),
+``knn``/``acc`` (one panel; evaluations that ran every few epochs show as points on those
+epochs), the block entropies, the agreement and memory usage/spread, the gradient norm and
+the tensors clipped (a panel each, only when the log has such keys). Dashed lines mark the
+collapse warnings' thresholds (``monitor.COLLAPSE_RULES``).
 
     python plot_training.py --log output/log.txt --out output/curves.png
 
@@ -21,14 +24,22 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from monitor import COLLAPSE_RULES
 from utils import UserError, exit_with_error
 
 # Panel title -> predicate on a log key. A key lands in the first panel that claims it.
+# Durations (knn_seconds, epoch_time_s) are not plotted.
 PANELS: list[tuple[str, Callable[[str], bool]]] = [
     ("loss", lambda key: "loss" in key),
     ("learning rate", lambda key: "lr" in key.split("_")),
-    ("k-NN / accuracy", lambda key: "knn" in key or "acc" in key),
+    ("k-NN / accuracy", lambda key: ("knn" in key or "acc" in key) and "seconds" not in key),
+    ("block entropy (fraction of ln P)", lambda key: key.endswith("_entropy")),
+    ("agreement / memory", lambda key: key.endswith(("agreement", "memory_usage",
+                                                     "memory_spread"))),
+    ("gradient norm (before clipping)", lambda key: key.endswith("grad_norm")),
+    ("tensors clipped per step", lambda key: key.endswith("_clipped")),
 ]
+PANELS_PER_ROW = 4
 
 
 def read_log(path: str | Path) -> tuple[list[dict[str, float]], int]:
@@ -87,8 +98,12 @@ def plot_curves(records: list[dict[str, float]], out: str | Path, title: str = "
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plot_training.py needs matplotlib: pip install matplotlib") from None
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
-    for ax, (panel, keys) in zip(axes[0], groups):
+    cols = min(len(groups), PANELS_PER_ROW)
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, (panel, keys) in zip(axes.flat, groups):
         for key in keys:
             points = [(r["epoch"], r[key]) for r in records
                       if key in r and math.isfinite(r[key])]
@@ -98,6 +113,11 @@ def plot_curves(records: list[dict[str, float]], out: str | Path, title: str = "
             # Sparse series (k-NN every few epochs) read better with markers.
             marker = "o" if len(points) < 0.5 * len(records) or len(points) < 20 else None
             ax.plot(epochs, values, marker=marker, markersize=3, label=key)
+        for rule in COLLAPSE_RULES:
+            if any(key.endswith(rule.key) for key in keys):
+                ax.axhline(rule.threshold, color="red", linestyle="--", linewidth=0.8,
+                           label=f"collapse: {rule.key} {'>' if rule.above else '<'} "
+                                 f"{rule.threshold}")
         ax.set_title(panel)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -114,8 +134,8 @@ def plot_curves(records: list[dict[str, float]], out: str | Path, title: str = "
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Turn a MaSSL training log.txt into a PNG of loss, learning rate and k-NN "
-                    "accuracy per epoch.")
+        description="Turn a MaSSL training log.txt into one PNG of loss, learning rate, k-NN "
+                    "accuracy and health metrics per epoch.")
     parser.add_argument("--log", required=True,
                         help="The JSON-lines log.txt that main_massl.py writes in its "
                              "--output_dir.")

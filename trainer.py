@@ -26,7 +26,9 @@ import torch.nn as nn
 import utils
 from data import mix_seed
 from massl_loss import KoLeoLoss, MaSSLLoss
-from memory import MemoryBank
+from memory import MemoryBank, gather_across_ranks
+from monitor import (argmax_slots, block_agreement, block_entropy, gradient_stats,
+                     memory_spread, memory_usage)
 from vision_transformer import VIT_ARCHS, MaSSLHead, MultiCropWrapper, build_backbone
 
 # Settings a checkpoint must share with the run resuming it (the weights' shapes).
@@ -130,14 +132,19 @@ def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtyp
 
 
 @torch.no_grad()
-def clip_gradients(params: list[nn.Parameter], max_norm: float) -> None:
-    """Scale each parameter's gradient to norm <= max_norm, separately (DINO's clipping)."""
+def clip_gradients(params: list[nn.Parameter], max_norm: float,
+                   stats: bool = False) -> tuple[float, int] | None:
+    """Scale each parameter's gradient to norm <= max_norm, separately (DINO's clipping;
+    ``max_norm`` 0: no clipping). With ``stats``: returns (the norm of all gradients together
+    before clipping, the number of tensors clipped), which costs a device sync."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
+    if not grads or (max_norm <= 0 and not stats):
+        return (0.0, 0) if stats else None
     norms = torch._foreach_norm(grads)
-    scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scales)
+    if max_norm > 0:
+        scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+        torch._foreach_mul_(grads, scales)
+    return gradient_stats(norms, max_norm) if stats else None
 
 
 @torch.no_grad()
@@ -231,9 +238,10 @@ class MaSSLTrainer:
         student, teacher, self.embed_dim = build_networks(args)
         self.memory = MemoryBank(args.out_dim, args.bottleneck_dim).to(device)
         student, teacher = student.to(device), teacher.to(device)
-        check_backbone_accepts_crops(teacher.backbone, args.arch,
-                                     [args.global_crops_size] + [args.local_crops_size] * (
-                                         args.local_crops_number > 0), device)
+        sizes = [args.global_crops_size] + [args.local_crops_size] * (args.local_crops_number > 0)
+        if getattr(args, "knn_data_path", ""):  # the online k-NN's images, checked now too
+            sizes.append(args.knn_crop_size or args.global_crops_size)
+        check_backbone_accepts_crops(teacher.backbone, args.arch, sizes, device)
         if args.use_bn_in_head and env.distributed and device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
@@ -272,7 +280,7 @@ class MaSSLTrainer:
         return torch.randperm(self.memory.size, generator=self.perm_generator, device=self.device)
 
     def train_step(self, micro_batches: Iterable[Sequence[torch.Tensor]],
-                   stop_requested: bool = False) -> dict[str, float]:
+                   stop_requested: bool = False, monitor: bool = False) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation`` micro-batches of crops.
 
         Each micro-batch is a list of crop tensors ``[global 1, global 2, locals...]`` of
@@ -282,6 +290,10 @@ class MaSSLTrainer:
         step's lr and weight decay, and the teacher EMA. Returns the step's metrics (means
         over its micro-batches, this rank) and ``stop``: 1.0 when any rank asked to stop
         (``stop_requested``), agreed in the same collective as the non-finite check.
+
+        ``monitor``: also return the health metrics of ``monitor.HEALTH_KEYS`` (averaged over
+        micro-batches and ranks; collective, so every rank must pass the same value), read
+        off the block softmaxes the loss computes anyway. Training is the same either way.
         """
         it = self.global_step
         values = self.schedule_values(it)
@@ -295,6 +307,7 @@ class MaSSLTrainer:
         totals = {"loss": 0.0, "massl": 0.0, **({"koleo": 0.0} if self.koleo else {})}
         stop = 0.0
         n_micro = 0
+        health: dict[str, float] = {}
         for micro, crops in enumerate(micro_batches):
             crops = [c.to(self.device, non_blocking=True) for c in crops]
             B = crops[0].shape[0]
@@ -305,14 +318,21 @@ class MaSSLTrainer:
                     student_out = self.ddp_student(crops)
                     with torch.no_grad():
                         teacher_out = self.teacher(crops[:2])
-                    massl = self.criterion(student_out, teacher_out, self.memory.features,
-                                           values["teacher_temp"], perm=perm)
+                    if monitor:
+                        massl, probs = self.criterion(
+                            student_out, teacher_out, self.memory.features,
+                            values["teacher_temp"], perm=perm, return_probs=True)
+                    else:
+                        massl = self.criterion(student_out, teacher_out, self.memory.features,
+                                               values["teacher_temp"], perm=perm)
                     parts = {"massl": massl}
                     loss = massl
                     if self.koleo is not None:
                         parts["koleo"] = sum(self.koleo(c) for c in student_out[:2 * B].chunk(2)) / 2
                         loss = loss + self.args.koleo_loss_weight * parts["koleo"]
                 items = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+                if monitor:  # before backward: the student softmaxes are the loss's buffer
+                    self._add_block_health(health, probs, perm)
                 nonfinite, stop = utils.all_reduce_max(
                     [float(not math.isfinite(items["loss"])), float(stop_requested)], self.device)
                 if nonfinite:
@@ -326,10 +346,9 @@ class MaSSLTrainer:
         if n_micro != self.accum:
             raise ValueError(f"train_step got {n_micro} micro-batches, expected {self.accum}")
 
-        if self.scaler is not None and self.args.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-        if self.args.clip_grad:
-            clip_gradients(self.params, self.args.clip_grad)
+        if self.scaler is not None and (self.args.clip_grad or monitor):
+            self.scaler.unscale_(self.optimizer)  # scaler.step() then skips its own unscale
+        grads = clip_gradients(self.params, self.args.clip_grad, stats=monitor)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -338,7 +357,27 @@ class MaSSLTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(*self._ema_pairs, values["momentum"])
         self.global_step += 1
+        if monitor:
+            # Per-rank values are averaged over ranks; usage is already global, the memory
+            # and the (synchronised) gradients are the same on every rank.
+            per_rank = ("teacher_entropy", "student_entropy", "agreement")
+            means = utils.all_reduce_means([health[k] / self.accum for k in per_rank],
+                                           self.device)
+            totals.update(zip(per_rank, means))
+            totals["memory_usage"] = health["memory_usage"] / self.accum
+            totals["memory_spread"] = memory_spread(self.memory.features)
+            totals["grad_norm"], totals["clipped"] = grads
         return {**totals, **values, "stop": stop}
+
+    def _add_block_health(self, health: dict[str, float], probs: Any, perm: torch.Tensor) -> None:
+        """Add one micro-batch's block metrics (monitor.py) to the sums in ``health``."""
+        P = self.criterion.block_size
+        slots = gather_across_ranks(argmax_slots(probs.teacher, perm, P))  # every rank's views
+        for key, value in (("teacher_entropy", block_entropy(probs.teacher, P)),
+                           ("student_entropy", block_entropy(probs.student, P)),
+                           ("agreement", block_agreement(probs.student, probs.teacher, P)),
+                           ("memory_usage", memory_usage(slots, self.memory.size))):
+            health[key] = health.get(key, 0.0) + value
 
     def _nonfinite_message(self, it: int, items: dict[str, float]) -> str:
         epoch, step = divmod(it, self.steps_per_epoch)

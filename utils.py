@@ -221,6 +221,16 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return t.item() / get_world_size()
 
 
+def all_reduce_means(values: list[float], device: torch.device) -> list[float]:
+    """Mean of each value over ranks, in one collective (the values themselves with one
+    process)."""
+    if not is_dist():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / get_world_size()).tolist()
+
+
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     """Max of each value over ranks, so every rank takes the same decision."""
     if not is_dist():

@@ -159,6 +159,7 @@ COMPARE = {  # knob -> values compared, first is the baseline
     "compile": [False, True],
     "fused_adamw": [False, True],
     "formulation": ["authors", "ours"],
+    "monitor": [False, True],  # main_massl.py's logging steps: health metrics (monitor.py)
 }
 
 
@@ -229,13 +230,13 @@ def random_crops(opts: argparse.Namespace, device: torch.device) -> list[torch.T
 
 
 def make_step(trainer: MaSSLTrainer, crops: list[torch.Tensor], sdpa: bool,
-              losses: list[float]) -> Callable[[], None]:
+              losses: list[float], monitor: bool = False) -> Callable[[], None]:
     """A closure running one ``train_step`` of this variant on ``crops``."""
     def step() -> None:
         set_fused_attention(trainer.student, sdpa)
         set_fused_attention(trainer.teacher, sdpa)
         trainer.global_step = 0  # the schedules' first values, whatever the number of steps
-        losses.append(trainer.train_step([crops])["loss"])
+        losses.append(trainer.train_step([crops], monitor=monitor)["loss"])
 
     return step
 
@@ -247,6 +248,8 @@ def variant_name(v: dict) -> str:
     if v["formulation"] == "authors":
         logits = "fp32" if v["precision"] == "fp32" else "16-bit"
         name += f", authors' naive loss ({logits} logits)"
+    if v["monitor"]:
+        name += ", health metrics"
     return name
 
 
@@ -259,7 +262,7 @@ def run(opts: argparse.Namespace) -> dict:
     rss_base = bu.peak_rss_bytes() if device.type == "cpu" else 0
     base = {"precision": opts.precision, "sdpa": opts.sdpa, "compile": opts.compile,
             "fused_adamw": device.type == "cuda" if opts.fused_adamw is None else opts.fused_adamw,
-            "formulation": "ours"}
+            "formulation": "ours", "monitor": False}
     variants = [base] if not opts.compare else [
         compared_variant(base, opts.compare, value) for value in COMPARE[opts.compare]
         if not (opts.compare == "precision" and value == "fp16" and device.type != "cuda")]
@@ -287,7 +290,7 @@ def run(opts: argparse.Namespace) -> dict:
                 peaks[name] = max(peaks.get(name, 0), step_peak)
         return call
 
-    steps = {name: timed(name, make_step(t, crops, v["sdpa"], losses))
+    steps = {name: timed(name, make_step(t, crops, v["sdpa"], losses, v["monitor"]))
              for v, (name, t) in zip(variants, trainers.items())}
     dtypes = sorted({v["precision"] for v in variants})
     peak_flops = {d: measure_peak_flops(device, DTYPES[d], opts.peak_size) for d in dtypes}
@@ -365,6 +368,13 @@ def print_result(r: dict) -> None:
         row = r["rows"][0]
         print(f"ratio: achieved {r['total_flops'] / row['step_s'] / 1e12:.3f} TFLOP/s / peak "
               f"{row['peak_flops'] / 1e12:.3f} TFLOP/s = MFU {100 * row['mfu']:.1f}%")
+    elif r["compare"] == "monitor":
+        plain, monitored = r["rows"]
+        extra = monitored["step_s"] - plain["step_s"]
+        share = extra / plain["step_s"]
+        print(f"ratio: a step with health metrics (main_massl.py's logging steps) takes "
+              f"{bu.fmt_seconds(extra)} more than one without ({100 * share:+.1f}%); every "
+              f"--print_freq 50 steps that is {100 * share / 50:.2f}% of the training time")
     elif r["compare"] == "formulation":
         authors, ours = r["rows"]
         print(f"ratio: ours/authors images/s {ours['speedup']:.2f}x (median of per-round "
@@ -416,8 +426,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=list(COMPARE), default=None,
                    help="time every value of one setting, alternating step by step on the same "
                         "model: precision (fp32/fp16/bf16; fp16 on GPU only), sdpa, compile, "
-                        "fused_adamw, or formulation (the authors': explicit attention, naive "
-                        "loss with 16-bit logits, not compiled; vs ours)")
+                        "fused_adamw, formulation (the authors': explicit attention, naive "
+                        "loss with 16-bit logits, not compiled; vs ours), or monitor (a step "
+                        "without / with the health metrics of main_massl.py's logging steps)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps (per variant); the median is reported (default 20 on GPU, "
                         "10 on CPU)")

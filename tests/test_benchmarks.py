@@ -74,6 +74,17 @@ def test_bench_step_compare_alternates_variants(repo_root):
     assert re.search(r"ratio: speed vs sdpa=False .*: sdpa=True [0-9.]+x$", line(out, "ratio:"))
 
 
+def test_bench_step_times_the_health_metrics(repo_root):
+    out = run_script(repo_root, "benchmarks/bench_step.py", "--quick", "--device", "cpu",
+                     "--threads", "1", "--compare", "monitor").stdout
+    rows = [x.split(" | ")[0] for x in out.splitlines() if x.startswith("| fp32, SDPA")]
+    assert rows == ["| fp32, SDPA on, compile off, foreach AdamW",
+                    "| fp32, SDPA on, compile off, foreach AdamW, health metrics"]
+    assert re.search(r"^ratio: a step with health metrics .* takes -?[0-9.]+ ms more than one "
+                     r"without \([-+][0-9.]+%\); every --print_freq 50 steps that is -?[0-9.]+% of "
+                     r"the training time$", line(out, "ratio:")), out
+
+
 def test_bench_step_times_the_authors_formulation_against_ours(repo_root):
     out = run_script(repo_root, "benchmarks/bench_step.py", "--quick", "--device", "cpu",
                      "--threads", "1", "--compare", "formulation", "--precision", "bf16").stdout

@@ -190,9 +190,9 @@ def test_checkpoint_in_the_pre_trainer_layout_resumes_exactly(fmnist_folder, tmp
     calls = {"n": 0}
     real_step = MaSSLTrainer.train_step
 
-    def counting_step(self, micro_batches, stop_requested=False):
+    def counting_step(self, micro_batches, stop_requested=False, **kwargs):
         calls["n"] += 1
-        return real_step(self, micro_batches, stop_requested=calls["n"] == 6 + 4)
+        return real_step(self, micro_batches, stop_requested=calls["n"] == 6 + 4, **kwargs)
 
     MaSSLTrainer.train_step = counting_step
     try:
