@@ -525,7 +525,9 @@ def run_epoch(trainer: MaSSLTrainer, loader: Any, sampler: PretrainSampler, star
                                      stop_requested=stop.signal_name is not None,
                                      monitor=args.health_metrics and logging_step)
         stopping = metrics.pop("stop") > 0
-        health.update(**{k: metrics.pop(k) for k in HEALTH_KEYS if k in metrics})
+        health_values = {k: metrics.pop(k) for k in HEALTH_KEYS if k in metrics}
+        if health_values:  # logging steps only: the means are over the steps that measured
+            health.update(**health_values)
         meter.update(**metrics, images=trainer.images_per_step, data_s=data.pop_wait())
         if logging_step or stopping:
             log.step(epoch, step, trainer.global_step, meter, health, epoch_start, start.step,
