@@ -162,16 +162,28 @@ class CollapseRule:
     above: bool  # collapsed when value > threshold (else when value < threshold)
     threshold: float
     meaning: str
+    advice: str  # what to try (README, "Troubleshooting")
 
 
 # Thresholds (README, "Monitoring a run"). Teacher entropy: a block of P slots at 0.98 ln P is
 # as flat as a uniform distribution over P^0.98 slots (~ 0.83 P for P = 16384): the teacher
-# barely prefers any slot. Usage: fewer than 1 in 20 argmaxes on a row of its own.
+# barely prefers any slot. Usage: fewer than 1 in 20 argmaxes on a row of its own. Spread: the
+# contraction that flattens the block distributions shows here first; on the quick start's
+# data, runs that learned stayed at or below 0.85, runs that drifted to uniform passed 0.9
+# within their first epoch and never came back (README, "Troubleshooting").
 COLLAPSE_RULES = (
     CollapseRule("teacher_entropy", True, 0.98,
-                 "the teacher's block distributions are nearly uniform"),
+                 "the teacher's block distributions are nearly uniform",
+                 "lower --teacher_temp / --warmup_teacher_temp or lengthen "
+                 "--warmup_teacher_temp_epochs"),
     CollapseRule("memory_usage", False, 0.05,
-                 "the teacher views' argmax slots pile onto a few memory rows"),
+                 "the teacher views' argmax slots pile onto a few memory rows",
+                 "on small data use a smaller --out_dim and --momentum_teacher"),
+    CollapseRule("memory_spread", True, 0.9,
+                 "the stored teacher embeddings point nearly the same way, which flattens "
+                 "every block distribution",
+                 "--use_bn_in_head true, views that agree more (milder --global_crops_scale / "
+                 "--local_crops_scale), or --koleo_loss_weight"),
 )
 # Consecutive collapsed log lines before a warning; while it lasts, repeated every REPEAT lines.
 COLLAPSE_PATIENCE = 3
@@ -205,9 +217,7 @@ class CollapseDetector:
                     f"warning: the run may be collapsing: {rule.key} {value:.3f} "
                     f"{'>' if rule.above else '<'} {rule.threshold} for {streak} consecutive "
                     f"log lines ({rule.meaning}). See README.md, \"Troubleshooting\" "
-                    "(Collapse): lower --teacher_temp / --warmup_teacher_temp or lengthen "
-                    "--warmup_teacher_temp_epochs; on small data use a smaller --out_dim and "
-                    "--momentum_teacher")
+                    f"(Collapse): {rule.advice}")
         return warnings
 
     def state_dict(self) -> dict[str, Any]:

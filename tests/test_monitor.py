@@ -158,7 +158,11 @@ def test_collapse_detector_warns_after_patience_and_resets():
     detector.update({"teacher_entropy": 0.5, "memory_usage": 0.5})     # healthy: streak reset
     assert [bool(detector.update(bad)) for _ in range(3)] == [False, False, True]
     low = monitor.CollapseDetector(patience=1).update({"memory_usage": 0.01})
-    assert len(low) == 1 and "memory_usage 0.010 < 0.05" in low[0]
+    assert len(low) == 1 and "memory_usage 0.010 < 0.05" in low[0] and "--out_dim" in low[0]
+    alike = monitor.CollapseDetector(patience=1).update({"memory_spread": 0.95})
+    assert len(alike) == 1 and "memory_spread 0.950 > 0.9" in alike[0]
+    assert "--use_bn_in_head true" in alike[0]
+    assert monitor.CollapseDetector(patience=1).update({"memory_spread": 0.85}) == []
     assert detector.update({}) == []                                   # a line without health
     clone = monitor.CollapseDetector(patience=3, repeat=2)
     clone.load_state_dict(json.loads(json.dumps(detector.state_dict())))
