@@ -22,7 +22,7 @@ goes into one run folder, named at the end. Running again with the same ``--outp
 resumes a run that was interrupted (with the epochs its first plan fixed) and only re-evaluates
 a finished one.
 
-Presets: ``cpu`` (a 0.8M-parameter ViT on 5,000 images; see the README's tuning table),
+Presets: ``cpu`` (a 0.8M-parameter ViT on 5,000 images, KoLeo off; see the README's sweep table),
 ``gpu`` (bigger model, all images; chosen automatically when CUDA is available) and ``smoke``
 (a few hundred images, one epoch: seconds; used by the tests).
 """
@@ -57,8 +57,8 @@ KNN_K = 20
 DEFAULT_MINUTES = 10.0
 
 # Each preset: how much data, the most epochs the time budget may plan, then main_massl.py
-# flags (the plan adds --epochs). The cpu preset was tuned on 2 CPU cores (README: "what we
-# tried"). "max_epochs" keeps a fast machine from stretching a small preset into a run nobody
+# flags (the plan adds --epochs). The cpu preset was tuned on 2 CPU cores without KoLeo
+# (benchmarks/sweep_quickstart.py; README, "What makes it learn, without KoLeo"). "max_epochs" keeps a fast machine from stretching a small preset into a run nobody
 # measured (a GPU would otherwise plan hundreds of epochs of the cpu preset): about 3x the
 # epochs a 2-core machine fits into 10 minutes for cpu, the preset's schedule for gpu.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -76,18 +76,21 @@ PRESETS: dict[str, dict[str, Any]] = {
             "print_freq": 13, "saveckp_freq": 0,
         },
     },
-    # Not measured by us (no GPU at hand when this was written): a plausible bigger preset.
+    # Not measured by us (no GPU at hand when this was written): a plausible bigger preset,
+    # with what the cpu preset's sweep found makes 28 px runs learn without KoLeo (BN head,
+    # milder crops).
     "gpu": {
         "train_per_class": None, "val_per_class": 200, "max_epochs": 100,
         "train": {
             "arch": "vit_tiny", "patch_size": 4, "global_crops_size": 28, "local_crops_size": 14,
-            "local_crops_number": 6, "global_crops_scale": (0.32, 1.0),
-            "local_crops_scale": (0.05, 0.32), "batch_size_per_gpu": 256,
+            "local_crops_number": 6, "global_crops_scale": (0.6, 1.0),
+            "local_crops_scale": (0.25, 0.6), "batch_size_per_gpu": 256,
             "lr": 1e-3, "min_lr": 1e-6, "warmup_epochs": 10, "weight_decay": 0.04,
             "weight_decay_end": 0.4, "drop_path_rate": 0.1, "out_dim": 8192,
             "partition_size": 2048, "teacher_temp": 0.05, "warmup_teacher_temp": 0.04,
             "warmup_teacher_temp_epochs": 10, "momentum_teacher": 0.99, "use_fp16": True,
-            "koleo_loss_weight": 0.3, "num_workers": 8, "print_freq": 50, "saveckp_freq": 50,
+            "koleo_loss_weight": 0.0, "use_bn_in_head": True, "num_workers": 8,
+            "print_freq": 50, "saveckp_freq": 50,
         },
     },
     # For tests: 300 train / 100 val images, always one epoch (max_epochs 1; the budget only

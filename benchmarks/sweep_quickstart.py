@@ -5,10 +5,11 @@ is pretrained for ``--epochs`` on the quick start's Fashion-MNIST split and its 
 scored by ``eval_knn.py`` (k = 20) against one randomly initialised backbone of each
 architecture. Everything runs through the real scripts, as the quick start does, and the
 table reports the k-NN gain, the first and last epoch losses (ln P is the uniform-collapse
-level), the last epoch's health metrics when the run logs them, and the training minutes.
+level), the health metrics of the first and last epochs (teacher entropy as a fraction of ln P,
+memory usage and spread), and the training minutes.
 
     python benchmarks/sweep_quickstart.py --epochs 3                      # every variant
-    python benchmarks/sweep_quickstart.py --epochs 10 --variants preset,no_koleo
+    python benchmarks/sweep_quickstart.py --epochs 10 --variants preset,paper_crops_no_bn_head
     python benchmarks/sweep_quickstart.py --list                          # what each variant sets
 
 Results are appended to ``--output_dir/sweep.jsonl`` (one line per variant, so an interrupted
@@ -32,53 +33,29 @@ import fashion_mnist  # noqa: E402
 import quickstart  # noqa: E402
 import utils  # noqa: E402
 
-# name -> main_massl.py flags changed from the quick start's cpu preset.
+# The health metrics the table shows, first and last epoch means (monitor.py).
+HEALTH_KEYS = ("teacher_entropy", "memory_usage", "memory_spread")
+
+# name -> main_massl.py flags changed from the quick start's cpu preset (KoLeo off, crops
+# 0.6-1 / 0.25-0.6, BatchNorm in the head). Each variant undoes or changes one ingredient; the
+# "paper_crops_no_bn_head" variant is the earlier KoLeo preset without its KoLeo (the run that
+# drifted to uniform distributions), "..._koleo_0.3" that preset itself.
+PAPER_CROPS = {"global_crops_scale": (0.32, 1.0), "local_crops_scale": (0.05, 0.32)}
 VARIANTS: dict[str, dict[str, Any]] = {
     "preset": {},
-    "no_koleo": {"koleo_loss_weight": 0.0},
-    "tt_0.03": {"koleo_loss_weight": 0.0, "teacher_temp": 0.03, "warmup_teacher_temp": 0.03},
-    "tt_0.02": {"koleo_loss_weight": 0.0, "teacher_temp": 0.02, "warmup_teacher_temp": 0.02},
-    "batch_256": {"koleo_loss_weight": 0.0, "batch_size_per_gpu": 256},
-    "momentum_0.995": {"koleo_loss_weight": 0.0, "momentum_teacher": 0.995},
-    "memory_8192": {"koleo_loss_weight": 0.0, "out_dim": 8192},
-    "block_128": {"koleo_loss_weight": 0.0, "partition_size": 128},
-    "lr_5e-4": {"koleo_loss_weight": 0.0, "lr": 5e-4},
-    # the earlier probe that learned without KoLeo (issue 17): batch 256, 12 px local crops,
-    # teacher temperature 0.05 from the start, no lr warm-up
-    # (its 12 px local crops are not a multiple of our patch 7: 14 px here)
-    "probe": {"koleo_loss_weight": 0.0, "batch_size_per_gpu": 256,
-              "warmup_teacher_temp": 0.05, "warmup_epochs": 0},
-    # multi-crop consistency with 2x2-patch local crops is the easiest thing to satisfy by
-    # making every view alike: does the drift need local crops at all?
-    "bn_head": {"koleo_loss_weight": 0.0, "use_bn_in_head": True},
-    "bn_head_tt_0.02": {"koleo_loss_weight": 0.0, "use_bn_in_head": True, "teacher_temp": 0.02,
-                        "warmup_teacher_temp": 0.02},
-    "tt_0.01": {"koleo_loss_weight": 0.0, "teacher_temp": 0.01, "warmup_teacher_temp": 0.01},
-    "ts_0.2": {"koleo_loss_weight": 0.0, "student_temp": 0.2},
-    # Views that agree: milder crops (the collapse mechanism, README troubleshooting)
-    "crops_0.6": {"koleo_loss_weight": 0.0, "global_crops_scale": (0.6, 1.0),
-                  "local_crops_scale": (0.25, 0.6)},
-    "crops_0.8": {"koleo_loss_weight": 0.0, "global_crops_scale": (0.8, 1.0),
-                  "local_crops_scale": (0.4, 0.8)},
-    "crops_0.6_bn_head": {"koleo_loss_weight": 0.0, "global_crops_scale": (0.6, 1.0),
-                          "local_crops_scale": (0.25, 0.6), "use_bn_in_head": True},
-    "crops_0.6_no_locals": {"koleo_loss_weight": 0.0, "global_crops_scale": (0.6, 1.0),
-                            "local_crops_number": 0},
-    # ... and photometric changes off: on tiny grey images they move views furthest apart
-    "photo_off": {"koleo_loss_weight": 0.0, "color_jitter_prob": 0.0, "grayscale_prob": 0.0,
-                  "solarization_prob": 0.0},
-    "photo_off_crops_0.6": {"koleo_loss_weight": 0.0, "color_jitter_prob": 0.0,
-                            "grayscale_prob": 0.0, "solarization_prob": 0.0,
-                            "global_crops_scale": (0.6, 1.0), "local_crops_scale": (0.25, 0.6)},
-    "photo_off_crops_0.6_bn_head": {"koleo_loss_weight": 0.0, "color_jitter_prob": 0.0,
-                                    "grayscale_prob": 0.0, "solarization_prob": 0.0,
-                                    "global_crops_scale": (0.6, 1.0),
-                                    "local_crops_scale": (0.25, 0.6), "use_bn_in_head": True},
-    "no_solarization": {"koleo_loss_weight": 0.0, "solarization_prob": 0.0},
-    "no_color_jitter": {"koleo_loss_weight": 0.0, "color_jitter_prob": 0.0},
-    "no_locals": {"koleo_loss_weight": 0.0, "local_crops_number": 0},
-    "tt_0.03_batch_256": {"koleo_loss_weight": 0.0, "teacher_temp": 0.03,
-                          "warmup_teacher_temp": 0.03, "batch_size_per_gpu": 256},
+    "paper_crops": PAPER_CROPS,
+    "no_bn_head": {"use_bn_in_head": False},
+    "paper_crops_no_bn_head": {**PAPER_CROPS, "use_bn_in_head": False},
+    "paper_crops_no_bn_head_koleo_0.3": {**PAPER_CROPS, "use_bn_in_head": False,
+                                         "koleo_loss_weight": 0.3},
+    "koleo_0.3": {"koleo_loss_weight": 0.3},
+    "teacher_temp_0.07": {"teacher_temp": 0.07},
+    "memory_8192": {"out_dim": 8192, "partition_size": 2048},
+    "momentum_0.996": {"momentum_teacher": 0.996},
+    "lr_1e-3": {"lr": 1e-3},
+    "no_photometric": {"color_jitter_prob": 0.0, "grayscale_prob": 0.0, "solarization_prob": 0.0},
+    "no_locals": {"local_crops_number": 0},
+    "batch_256": {"batch_size_per_gpu": 256},
 }
 
 
@@ -121,9 +98,10 @@ def sweep_variant(name: str, options: dict[str, Any], data_dir: Path, out: Path,
     trained = knn(["--pretrained_weights", str(run_dir / "checkpoint.pth")], data_dir, size,
                   run_dir / "knn", log)
     epochs = epoch_log(run_dir)
-    last = epochs[-1]
-    health = {k[len("train_"):]: v for k, v in last.items()
-              if k.startswith("train_") and any(h in k for h in ("entropy", "agreement", "usage"))}
+    first, last = epochs[0], epochs[-1]
+    # first -> last epoch: the drift to uniform shows as a teacher entropy that climbs
+    health = {k: [first[f"train_{k}"], last[f"train_{k}"]] for k in HEALTH_KEYS
+              if f"train_{k}" in last}
     return {"variant": name, "changes": {k: v for k, v in options.items()
                                          if VARIANTS.get(name, {}).get(k) == v},
             "epochs": len(epochs), "trained": trained, "random_init": baselines[key],
@@ -134,11 +112,11 @@ def sweep_variant(name: str, options: dict[str, Any], data_dir: Path, out: Path,
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("| variant | changes | epochs | k-NN trained | random | gain | loss first → last (ln P) "
-          "| health (last epoch) | train min |")
+          "| health (epoch 1 → last) | train min |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "-"
-        health = ", ".join(f"{k} {v:.2f}" for k, v in r["health"].items()) or "-"
+        health = ", ".join(f"{k} {a:.2f} → {b:.2f}" for k, (a, b) in r["health"].items()) or "-"
         print(f"| {r['variant']} | {changes} | {r['epochs']} | {r['trained']:.1f} | "
               f"{r['random_init']:.1f} | {r['gain']:+.1f} | {r['loss_first']:.3f} → "
               f"{r['loss_last']:.3f} ({r['ln_P']:.2f}) | {health} | {r['train_minutes']:.1f} |")

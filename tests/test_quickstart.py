@@ -201,11 +201,28 @@ def test_resumed_run_keeps_its_first_plan(tmp_path):
     assert "resuming this run folder's plan of 14 epochs" in (tmp_path / "log").read_text()
 
 
-def test_flags_are_what_main_massl_parses():
+def assert_parsed_as(options: dict) -> None:
+    """main_massl.py's own parser reads the flags quickstart.to_flags writes as ``options``."""
     import main_massl
-    flags = quickstart.to_flags(dict(quickstart.PRESETS["cpu"]["train"]))
-    args = main_massl.build_cli_parser().parse_args([*flags, "--data_path", "x"])
-    for name, value in quickstart.PRESETS["cpu"]["train"].items():
+    args = main_massl.build_cli_parser().parse_args(
+        [*quickstart.to_flags(dict(options)), "--data_path", "x"])
+    for name, value in options.items():
         expected = list(value) if isinstance(value, tuple) else value
         got = list(getattr(args, name)) if isinstance(value, tuple) else getattr(args, name)
         assert got == expected, name
+
+
+@pytest.mark.parametrize("preset", sorted(quickstart.PRESETS))
+def test_flags_are_what_main_massl_parses(preset):
+    assert_parsed_as(quickstart.PRESETS[preset]["train"])
+
+
+def test_sweep_variants_are_main_massl_flags(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    from sweep_quickstart import VARIANTS
+    assert VARIANTS["preset"] == {}
+    # The preset trains without KoLeo; the sweep's KoLeo rows are the only ones with it.
+    assert quickstart.PRESETS["cpu"]["train"]["koleo_loss_weight"] == 0.0
+    for name, changes in VARIANTS.items():
+        assert_parsed_as({**quickstart.PRESETS["cpu"]["train"], **changes})
+        assert ("koleo" in name) == (changes.get("koleo_loss_weight", 0.0) > 0), name
