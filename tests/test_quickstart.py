@@ -110,8 +110,8 @@ def test_failed_step_is_named_and_its_code_kept(tmp_path, capsys):
 
 def plan(**changes):
     """A plan with round numbers: 600 s budget, 30 s spent, 60 s of start-ups and evaluations,
-    40 steps per epoch; (600 - 30 - 60) x (1 - 0.1) = 459 s for the epochs."""
-    assert quickstart.SAFETY_FRACTION == 0.1  # the hand-computed numbers below assume it
+    40 steps per epoch; (600 - 30 - 60) x (1 - 0.2) = 408 s for the epochs."""
+    assert quickstart.SAFETY_FRACTION == 0.2  # the hand-computed numbers below assume it
     settings = dict(budget_s=600.0, elapsed_s=30.0, step_s=0.4, steps_per_epoch=40, fixed_s=60.0,
                     max_epochs=100)
     return quickstart.plan_epochs(**{**settings, **changes})
@@ -119,21 +119,21 @@ def plan(**changes):
 
 def test_a_slower_machine_plans_fewer_epochs():
     fast, slow = plan(step_s=0.4), plan(step_s=0.8)
-    assert (fast.epochs, slow.epochs) == (28, 14)  # floor(459 / 16), floor(459 / 32)
+    assert (fast.epochs, slow.epochs) == (25, 12)  # floor(408 / 16), floor(408 / 32)
     for p in (fast, slow):
         assert p.enforced and not p.over_budget and not p.capped
         assert p.total_s <= p.budget_s
         assert p.total_s == pytest.approx(30 + 60 + p.epochs * 40 * p.step_s)
     lines = quickstart.plan_lines(slow)
-    assert lines == ["plan: 14 epochs of 40 steps, about 7.5 minutes of training (measured 0.8 "
-                     "s/step on this machine); whole command about 9.0 of 10 minutes"]
+    assert lines == ["plan: 12 epochs of 40 steps, about 6.4 minutes of training (measured 0.8 "
+                     "s/step on this machine); whole command about 7.9 of 10 minutes"]
     # time already spent and the fixed costs come out of the same budget
-    assert plan(elapsed_s=30.0 + 160.0).epochs == 19  # floor(315 / 16)
-    assert plan(fixed_s=60.0 + 160.0).epochs == 19
+    assert plan(elapsed_s=30.0 + 160.0).epochs == 17  # floor(280 / 16)
+    assert plan(fixed_s=60.0 + 160.0).epochs == 17
 
 
 def test_per_epoch_evaluation_is_charged_to_every_epoch():
-    assert plan(step_s=0.4, epoch_eval_s=16.0).epochs == 14  # epochs of 16 + 16 s
+    assert plan(step_s=0.4, epoch_eval_s=16.0).epochs == 12  # epochs of 16 + 16 s
     assert plan(step_s=0.4, epoch_eval_s=16.0).epoch_s == 32.0
 
 
@@ -147,14 +147,14 @@ def test_too_small_a_budget_still_trains_one_epoch_and_says_it_overruns():
 
 def test_the_presets_cap_holds_on_a_fast_machine():
     fast = plan(step_s=0.01, max_epochs=30)
-    assert fast.epochs == 30 and fast.fit_epochs == 1147 and fast.capped  # floor(459 / 0.4)
-    assert "capped at the preset's 30 epochs (the budget would fit 1147)" in quickstart.plan_lines(fast)[1]
+    assert fast.epochs == 30 and fast.fit_epochs == 1020 and fast.capped  # floor(408 / 0.4)
+    assert "capped at the preset's 30 epochs (the budget would fit 1020)" in quickstart.plan_lines(fast)[1]
 
 
 def test_epochs_flag_overrides_the_budget():
     forced = plan(step_s=0.8, epochs=40)  # 40 x 32 s: far over the budget, as asked
     assert forced.epochs == 40 and not forced.enforced and not forced.capped
-    assert forced.fit_epochs == 14 and forced.total_s == pytest.approx(30 + 60 + 1280)
+    assert forced.fit_epochs == 12 and forced.total_s == pytest.approx(30 + 60 + 1280)
     lines = quickstart.plan_lines(forced)
     assert lines[0].startswith("plan: 40 epochs of 40 steps, about 21.3 minutes of training")
     assert lines[1] == "      --epochs 40 given: the 10-minute budget is not enforced"
@@ -198,7 +198,7 @@ def test_resumed_run_keeps_its_first_plan(tmp_path):
         again, calibration = quickstart.make_plan(args, quickstart.PRESETS["cpu"], {}, tmp_path,
                                                   "cpu", 0, tmp_path, 0.0, log)
     assert again == first and calibration is None
-    assert "resuming this run folder's plan of 14 epochs" in (tmp_path / "log").read_text()
+    assert "resuming this run folder's plan of 12 epochs" in (tmp_path / "log").read_text()
 
 
 def assert_parsed_as(options: dict) -> None:
