@@ -169,7 +169,7 @@ class CollapseRule:
 # as flat as a uniform distribution over P^0.98 slots (~ 0.83 P for P = 16384): the teacher
 # barely prefers any slot. Usage: fewer than 1 in 20 argmaxes on a row of its own. Spread: the
 # contraction that flattens the block distributions shows here first; on the quick start's
-# data, runs that learned stayed at or below 0.85, runs that drifted to uniform passed 0.9
+# data, runs that learned stayed at or below 0.84, runs that drifted to uniform passed 0.9
 # within their first epoch and never came back (README, "Troubleshooting").
 COLLAPSE_RULES = (
     CollapseRule("teacher_entropy", True, 0.98,
