@@ -102,9 +102,8 @@ class DataAugmentationMaSSL:
     torch's global generator.
 
     ``color_jitter_prob``, ``grayscale_prob`` and ``solarization_prob`` default to the
-    authors' 0.8 / 0.2 / 0.2. Tiny grey images (the quick start) want 0: there the photometric
-    changes move two views of one image further apart than two images are, and training
-    contracts (README, "Troubleshooting").
+    authors' 0.8 / 0.2 / 0.2, which the quick start keeps (turning them off cost it 2 points;
+    README, "What makes it learn, without KoLeo").
     """
 
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
