@@ -245,6 +245,7 @@ def describe_backbone(info: dict) -> str:
 class Progress:
     """A progress line every ``interval`` seconds of a long loop over images, on rank 0 only:
     ``label: done/total images (pct)  N images/s  ETA h:mm:ss``.
+    ``interval`` defaults to ``PROGRESS_INTERVAL_S``.
 
     Call ``update(n)`` after each batch with the images it held (summed over ranks, or
     estimated from rank 0's as ``extract_features`` does). Lines come at most every
@@ -252,9 +253,10 @@ class Progress:
     replaced to test it without waiting.
     """
 
-    def __init__(self, label: str, total: int, interval: float = PROGRESS_INTERVAL_S,
+    def __init__(self, label: str, total: int, interval: float | None = None,
                  clock: Callable[[], float] = time.monotonic, enabled: bool | None = None) -> None:
-        self.label, self.total, self.interval, self.clock = label, total, interval, clock
+        self.label, self.total, self.clock = label, total, clock
+        self.interval = PROGRESS_INTERVAL_S if interval is None else interval
         self.enabled = utils.is_main_process() if enabled is None else enabled
         self.done = 0
         self.start = self.last = clock()
