@@ -10,7 +10,9 @@ writes into ``--output_dir``:
   over the image (bright = attended);
 - ``mask-head{i}.png``: the smallest set of patches holding ``--threshold`` (DINO's 0.6) of
   head i's attention mass, highlighted on the image: the object masks of the DINO paper;
-- ``attn-all.png``: the image and all heat-maps side by side (the README figure).
+- ``attn-all.png``: the image and all heat-maps side by side (the README figure);
+- ``attn-heads-colour.png``: every head's mask in its own colour over the image, the paper's
+  Fig. 2 (a patch in several heads' masks gets their mixed colour).
 
 The architecture and patch size come from the checkpoint (stored args, else read off the
 weights). Without ``--pretrained_weights`` the model is randomly initialised, which is only
@@ -21,6 +23,7 @@ matplotlib is installed, a built-in ramp otherwise.
 from __future__ import annotations
 
 import argparse
+import colorsys
 from pathlib import Path
 
 import numpy as np
@@ -97,13 +100,35 @@ def _to_pixels(maps: torch.Tensor, patch_size: int) -> np.ndarray:
     return F.interpolate(maps[None].float(), scale_factor=patch_size, mode="nearest")[0].numpy()
 
 
-def render(img: torch.Tensor, attentions: torch.Tensor, masks: torch.Tensor, patch_size: int,
-           output_dir: Path, alpha: float = 0.6) -> list[Path]:
-    """Write img.png, attn-head{i}.png, mask-head{i}.png and attn-all.png; returns the paths."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+def to_rgb(img: torch.Tensor) -> np.ndarray:
+    """A normalised (3, H, W) image tensor back to float RGB in [0, 255], (H, W, 3)."""
     mean = torch.tensor(utils.IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(utils.IMAGENET_STD).view(3, 1, 1)
-    rgb = ((img[0].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255)
+    return (img.detach().cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255
+
+
+def distinct_colours(n: int) -> np.ndarray:
+    """``n`` saturated colours evenly spaced in hue, (n, 3) in [0, 255]."""
+    return np.array([colorsys.hsv_to_rgb(i / max(n, 1), 0.9, 1.0) for i in range(n)]) * 255
+
+
+def heads_in_colour(rgb: np.ndarray, masks: np.ndarray, alpha: float = 0.65) -> np.ndarray:
+    """Every head's mask (bool (heads, H, W)) painted in its own colour over a dimmed grey
+    copy of ``rgb``; a pixel in several masks gets the mean of their colours."""
+    colours = distinct_colours(masks.shape[0])
+    count = masks.sum(axis=0)[..., None]
+    mixed = np.tensordot(masks.transpose(1, 2, 0).astype(np.float64), colours, axes=1)
+    mixed = mixed / np.maximum(count, 1)
+    grey = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
+    return np.where(count > 0, (1 - alpha) * rgb + alpha * mixed, 0.5 * grey)
+
+
+def render(img: torch.Tensor, attentions: torch.Tensor, masks: torch.Tensor, patch_size: int,
+           output_dir: Path, alpha: float = 0.6) -> list[Path]:
+    """Write img.png, attn-head{i}.png, mask-head{i}.png, attn-all.png and
+    attn-heads-colour.png; returns the paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rgb = to_rgb(img[0])
     written = [output_dir / "img.png"]
     Image.fromarray(rgb.round().astype(np.uint8)).save(written[0])
 
@@ -126,6 +151,8 @@ def render(img: torch.Tensor, attentions: torch.Tensor, masks: torch.Tensor, pat
     strip = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
     written.append(output_dir / "attn-all.png")
     Image.fromarray(strip.round().astype(np.uint8)).save(written[-1])
+    written.append(output_dir / "attn-heads-colour.png")
+    Image.fromarray(heads_in_colour(rgb, mask).round().astype(np.uint8)).save(written[-1])
     return written
 
 
@@ -202,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {description}")
     print(f"image {args.image_path} at {img.shape[-1]}x{img.shape[-2]} px (W x H), "
           f"{attentions.shape[0]} heads, {attentions.shape[2]}x{attentions.shape[1]} patches")
-    print(f"wrote {len(written)} PNGs to {args.output_dir} (attn-all.png shows them all)")
+    print(f"wrote {len(written)} PNGs to {args.output_dir} (attn-all.png shows them all, "
+          "attn-heads-colour.png every head's mask in its colour)")
 
 
 if __name__ == "__main__":
