@@ -11,8 +11,9 @@ writes into ``--output_dir``:
 - ``mask-head{i}.png``: the smallest set of patches holding ``--threshold`` (DINO's 0.6) of
   head i's attention mass, highlighted on the image: the object masks of the DINO paper;
 - ``attn-all.png``: the image and all heat-maps side by side (the README figure);
-- ``attn-heads-colour.png``: every head's mask in its own colour over the image, the paper's
-  Fig. 2 (a patch in several heads' masks gets their mixed colour).
+- ``attn-heads-colour.png``: all heads in one picture, the paper's Fig. 2: each pixel in the
+  colour of the head attending to it most, as bright as that head's attention (each head's map
+  scaled to a maximum of 1).
 
 The architecture and patch size come from the checkpoint (stored args, else read off the
 weights). Without ``--pretrained_weights`` the model is randomly initialised, which is only
@@ -112,15 +113,16 @@ def distinct_colours(n: int) -> np.ndarray:
     return np.array([colorsys.hsv_to_rgb(i / max(n, 1), 0.9, 1.0) for i in range(n)]) * 255
 
 
-def heads_in_colour(rgb: np.ndarray, masks: np.ndarray, alpha: float = 0.65) -> np.ndarray:
-    """Every head's mask (bool (heads, H, W)) painted in its own colour over a dimmed grey
-    copy of ``rgb``; a pixel in several masks gets the mean of their colours."""
-    colours = distinct_colours(masks.shape[0])
-    count = masks.sum(axis=0)[..., None]
-    mixed = np.tensordot(masks.transpose(1, 2, 0).astype(np.float64), colours, axes=1)
-    mixed = mixed / np.maximum(count, 1)
+def heads_in_colour(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.8) -> np.ndarray:
+    """All heads over a grey copy of ``rgb`` in one picture: each pixel takes the colour of
+    the head that attends to it most (each head's map scaled to a maximum of 1), blended in
+    as strongly as that head attends (``heat``: (heads, H, W) attention, >= 0)."""
+    peak = heat.reshape(len(heat), -1).max(axis=1)
+    scaled = heat / np.where(peak > 0, peak, 1)[:, None, None]
+    strength = alpha * scaled.max(axis=0)[..., None]
+    colour = distinct_colours(len(heat))[scaled.argmax(axis=0)]
     grey = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
-    return np.where(count > 0, (1 - alpha) * rgb + alpha * mixed, 0.5 * grey)
+    return (1 - strength) * grey + strength * colour
 
 
 def render(img: torch.Tensor, attentions: torch.Tensor, masks: torch.Tensor, patch_size: int,
@@ -152,7 +154,7 @@ def render(img: torch.Tensor, attentions: torch.Tensor, masks: torch.Tensor, pat
     written.append(output_dir / "attn-all.png")
     Image.fromarray(strip.round().astype(np.uint8)).save(written[-1])
     written.append(output_dir / "attn-heads-colour.png")
-    Image.fromarray(heads_in_colour(rgb, mask).round().astype(np.uint8)).save(written[-1])
+    Image.fromarray(heads_in_colour(rgb, heat).round().astype(np.uint8)).save(written[-1])
     return written
 
 
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"image {args.image_path} at {img.shape[-1]}x{img.shape[-2]} px (W x H), "
           f"{attentions.shape[0]} heads, {attentions.shape[2]}x{attentions.shape[1]} patches")
     print(f"wrote {len(written)} PNGs to {args.output_dir} (attn-all.png shows them all, "
-          "attn-heads-colour.png every head's mask in its colour)")
+          "attn-heads-colour.png all heads in colour)")
 
 
 if __name__ == "__main__":

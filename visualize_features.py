@@ -116,7 +116,7 @@ def main(args: argparse.Namespace) -> Path:
     labels = np.asarray(dataset.targets)[chosen]
     points = tsne_2d(features, args.perplexity, args.seed)
     output = Path(args.output_dir) / OUTPUT_FILE
-    title = f"t-SNE of {info['arch']} CLS features ({len(chosen)} images of {Path(args.data_path).name})"
+    title = f"t-SNE of {info['arch']} CLS features ({len(chosen)} images of {'/'.join(Path(args.data_path).resolve().parts[-2:])})"
     plot(points, labels, dataset.classes, title, output)
     print(f"wrote {output}")
     return output

@@ -69,15 +69,19 @@ def test_correspondence_bad_input(repo_root, fmnist_folder, tmp_path):
 # --------------------------------------------------------------------------- attention, all heads
 
 
-def test_heads_in_colour_paints_each_mask_in_its_colour_and_mixes_overlaps():
-    rgb = np.full((1, 3, 3), 100.0)
-    masks = np.array([[[True, True, False]], [[False, True, False]]])
+def test_heads_in_colour_paints_each_pixel_in_its_strongest_head():
+    rgb = np.array([[[200.0, 100.0, 0.0]] * 3])  # grey level 100 everywhere
+    # Head 0 peaks at pixel 0 (2 -> scaled 1), head 1 at pixel 1 (4 -> 1); pixel 2: head 0
+    # scaled 0.5 beats head 1's 0.25; nobody attends to nothing.
+    heat = np.array([[[2.0, 0.0, 1.0]], [[0.0, 4.0, 1.0]]])
     colours = visualize_attention.distinct_colours(2)
     assert not np.allclose(colours[0], colours[1])
-    out = visualize_attention.heads_in_colour(rgb, masks, alpha=0.5)
+    out = visualize_attention.heads_in_colour(rgb, heat, alpha=0.5)
     np.testing.assert_allclose(out[0, 0], 0.5 * 100 + 0.5 * colours[0])
-    np.testing.assert_allclose(out[0, 1], 0.5 * 100 + 0.5 * (colours[0] + colours[1]) / 2)
-    np.testing.assert_allclose(out[0, 2], [50.0, 50.0, 50.0])  # in no mask: dimmed grey
+    np.testing.assert_allclose(out[0, 1], 0.5 * 100 + 0.5 * colours[1])
+    np.testing.assert_allclose(out[0, 2], 0.75 * 100 + 0.25 * colours[0])
+    zero = visualize_attention.heads_in_colour(rgb, np.zeros((2, 1, 3)))
+    np.testing.assert_allclose(zero, 100.0)  # no attention: the grey image
 
 
 # --------------------------------------------------------------------------- t-SNE
