@@ -7,7 +7,7 @@ features of ``eval_knn.py``), cached in ``OUTPUT_DIR/transfer/<name>/features``;
 - weighted k-NN top-1 (DINO's vote, k = ``--knn_k`` = 20, T = ``--temperature``), and
 - a linear classifier on the cached features: multinomial logistic regression by L-BFGS,
   its L2 strength chosen on ``--holdout_fraction`` of each class's train images, refit on all
-  train images (``eval_lowshot.py``'s 100 %% setting), val top-1.
+  train images (``eval_lowshot.py``'s 100 % setting), val top-1.
 
 One table, a row per dataset named by its folder and the mean (the form of CARP's and Mugs'
 transfer tables), printed and written as ``OUTPUT_DIR/transfer_results.md`` and
@@ -74,6 +74,9 @@ def dataset_name(path: str) -> str:
 def check_args(args: argparse.Namespace) -> None:
     """Every flag and every dataset folder checked before any work (one-line errors)."""
     problems = []
+    if args.data_path:
+        problems.append(f"--data_path {args.data_path}: eval_transfer.py takes its folders from "
+                        "--datasets (give it there)")
     if not args.datasets:
         problems.append("--datasets needs at least one ImageFolder root (with train/ and val/)")
     names = [dataset_name(d) for d in args.datasets or []]

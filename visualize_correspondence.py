@@ -5,7 +5,7 @@
     python visualize_correspondence.py --pretrained_weights output/checkpoint.pth \\
         --image_path left.jpg right.jpg --output_dir corr/     # two images instead of two views
 
-With one image, two views are drawn from it (random resized crops keeping 35-100 %% of the
+With one image, two views are drawn from it (random resized crops keeping 35-100 % of the
 area, seeded by ``--seed``); with two, each is resized to ``--image_size`` square. Both go through the
 backbone; the last block's patch tokens (after the final norm) are L2-normalised and matched
 by cosine similarity. A pair (i, j) is a match when patch j is i's nearest neighbour in the

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 import eval_copy_detection as cd
-from test_eval import assert_clean_exit, run_in_process
+from test_eval import assert_clean_exit, run_in_process, run_script
 from test_eval_protocols import PICO, supervised_pico
 
 ORIGINALS = 12
@@ -140,6 +140,16 @@ def test_script_end_to_end_with_distractors_whitening_and_feature_round_trip(rep
     assert all(0 <= v <= 100 for v in res["blocks"].values())
     again = run_copydays(repo_root, copydays, tmp_path / "b", "--load_features", tmp_path / "f")
     assert again["blocks"] == res["blocks"] and again["whitening"] == str(distractors)
+
+
+def test_one_and_two_processes_give_the_same_numbers(repo_root, copydays, tmp_path):
+    one = run_copydays(repo_root, copydays, tmp_path / "one")
+    result = run_script(repo_root, "eval_copy_detection.py", "--data_path", copydays, *PICO,
+                        "--imsize", "28", "--output_dir", tmp_path / "two", nproc=2)
+    assert result.returncode == 0, result.stderr
+    two = json.loads((tmp_path / "two" / cd.RESULTS_FILE).read_text())
+    assert two["world_size"] == 2 and two["num_queries"] == one["num_queries"]
+    assert two["blocks"] == pytest.approx(one["blocks"], abs=1e-3)
 
 
 def test_trained_backbone_detects_copies_better_than_random_init(repo_root, fmnist_folder, copydays,

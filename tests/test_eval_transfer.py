@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import evaluation
-from test_eval import assert_clean_exit, run_in_process
+from test_eval import assert_clean_exit, run_in_process, run_script
 from test_eval_protocols import PICO
 
 FAST = ["--max_iter", "50", "--l2_grid", "1e-3", "1e-1"]
@@ -89,3 +89,19 @@ def test_bad_input_gives_one_line_errors(repo_root, two_datasets, tmp_path):
     shutil.copytree(two_datasets[0], other)
     assert_clean_exit(run_transfer(repo_root, [two_datasets[0], other], out),
                       "two folders named 'shoes'")
+    assert_clean_exit(run_transfer(repo_root, [two_datasets[0]], out, "--data_path", other),
+                      "--datasets")
+
+
+def test_two_processes_give_the_one_process_table(repo_root, two_datasets, tmp_path):
+    code, _, err = run_transfer(repo_root, two_datasets, tmp_path / "one")
+    assert code == 0, err
+    result = run_script(repo_root, "eval_transfer.py", "--datasets", *two_datasets, *PICO, *FAST,
+                        "--output_dir", tmp_path / "two", nproc=2)
+    assert result.returncode == 0, result.stderr
+    one = json.loads((tmp_path / "one" / "transfer_results.json").read_text())
+    two = json.loads((tmp_path / "two" / "transfer_results.json").read_text())
+    assert two["world_size"] == 2
+    for a, b in zip(one["rows"], two["rows"]):
+        assert a["dataset"] == b["dataset"] and a["knn_top1"] == b["knn_top1"]
+        assert a["linear_top1"] == b["linear_top1"]
