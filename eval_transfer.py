@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 from pathlib import Path
 
 import torch
 
 import utils
-from eval_lowshot import DEFAULT_L2_GRID, Setting, run_job
+from eval_lowshot import DEFAULT_L2_GRID, Setting, logistic_regression_problems, run_job
 from evaluation import (check_eval_args, effective_ks, eval_args_parser, finish_run,
                         knn_classifier, print_table, run_as_script, start_run, train_val_features)
 
@@ -93,13 +92,7 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append(f"--knn_k must be >= 1, got {args.knn_k}")
     if not args.temperature > 0:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
-    if any(not (l2 > 0 and math.isfinite(l2)) for l2 in args.l2_grid):
-        problems.append(f"--l2_grid values must be positive, got {args.l2_grid}")
-    if not 0 < args.holdout_fraction < 1:
-        problems.append(f"--holdout_fraction must be in (0, 1), got {args.holdout_fraction}")
-    if args.max_iter < 1:
-        problems.append(f"--max_iter must be >= 1, got {args.max_iter}")
-    check_eval_args(args, problems)
+    check_eval_args(args, problems + logistic_regression_problems(args))
 
 
 def settings_of(args: argparse.Namespace) -> dict:
