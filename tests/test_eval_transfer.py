@@ -94,14 +94,18 @@ def test_bad_input_gives_one_line_errors(repo_root, two_datasets, tmp_path):
 
 
 def test_two_processes_give_the_one_process_table(repo_root, two_datasets, tmp_path):
+    """Two processes: 'shoes' done in an earlier one-process run is skipped by both ranks,
+    'tops' computed across them gives the one-process row."""
     code, _, err = run_transfer(repo_root, two_datasets, tmp_path / "one")
     assert code == 0, err
+    (tmp_path / "two" / "transfer").mkdir(parents=True)
+    shutil.copy(tmp_path / "one" / "transfer" / "shoes.json", tmp_path / "two" / "transfer")
     result = run_script(repo_root, "eval_transfer.py", "--datasets", *two_datasets, *PICO, *FAST,
                         "--output_dir", tmp_path / "two", nproc=2)
     assert result.returncode == 0, result.stderr
     one = json.loads((tmp_path / "one" / "transfer_results.json").read_text())
     two = json.loads((tmp_path / "two" / "transfer_results.json").read_text())
-    assert two["world_size"] == 2
+    assert two["world_size"] == 2 and "shoes: done in an earlier run" in result.stdout
     for a, b in zip(one["rows"], two["rows"]):
         assert a["dataset"] == b["dataset"] and a["knn_top1"] == b["knn_top1"]
         assert a["linear_top1"] == b["linear_top1"]
