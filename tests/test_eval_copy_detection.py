@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -162,6 +163,19 @@ def test_trained_backbone_detects_copies_better_than_random_init(repo_root, fmni
                            "--pretrained_weights", checkpoint)
     print(f"strong mAP: trained {trained['strong']} | random {random_init['strong']}")
     assert trained["strong"] > random_init["strong"] + 5, (trained["blocks"], random_init["blocks"])
+
+
+def test_quickstart_checkpoint_detects_copies_better_than_random_init(repo_root, copydays, tmp_path):
+    """Opt-in (minutes of training first): MASSL_TRAINED_CHECKPOINT=<run>/pretrain/checkpoint.pth
+    of ``python quickstart.py`` (cpu preset: vit_pico/7) must beat a random vit_pico/7."""
+    checkpoint = os.environ.get("MASSL_TRAINED_CHECKPOINT")
+    if not checkpoint:
+        pytest.skip("set MASSL_TRAINED_CHECKPOINT to a quick-start checkpoint.pth to run")
+    random_init = run_copydays(repo_root, copydays, tmp_path / "random", "--max_rank", "0")
+    trained = run_copydays(repo_root, copydays, tmp_path / "trained", "--max_rank", "0",
+                           "--pretrained_weights", checkpoint)
+    print(f"strong mAP: trained {trained['strong']} | random {random_init['strong']}")
+    assert trained["strong"] > random_init["strong"], (trained["blocks"], random_init["blocks"])
 
 
 def test_bad_input_gives_one_line_errors(repo_root, copydays, tmp_path):
