@@ -1,4 +1,4 @@
-"""Sparse correspondences between two views, the MaSSL paper's Fig. 3: mutual nearest neighbours of last-block patch tokens.
+"""Sparse correspondences between two views (the MaSSL paper's Fig. 3): mutual nearest neighbours.
 
     python visualize_correspondence.py --pretrained_weights output/checkpoint.pth \\
         --image_path photo.jpg --image_size 224 --output_dir corr/
@@ -36,13 +36,12 @@ OUTPUT_FILE = "correspondence.png"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "visualize_correspondence", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "visualize_correspondence", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained_weights", default="", help="""Training checkpoint
         (checkpoint.pth) or exported backbone (.pth or .safetensors). Empty: random weights,
         to try the script only.""")
     parser.add_argument("--checkpoint_key", default="teacher",
-                        help="Which network of a training checkpoint: teacher or student.")
+                        help="Which network of a training checkpoint: teacher (default) or student.")
     parser.add_argument("--arch", default=None,
                         help="Backbone name. Default: the checkpoint's (vit_small without one).")
     parser.add_argument("--patch_size", type=int, default=None,
@@ -50,13 +49,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_path", required=True, nargs="+", help="""One image (two
         augmented views of it are matched) or two images (matched with each other).""")
     parser.add_argument("--image_size", type=int, default=224, help="""Side of each (square)
-        view, rounded down to a multiple of the patch size.""")
+        view, rounded down to a multiple of the patch size. Default 224.""")
     parser.add_argument("--n_matches", type=int, default=20,
-                        help="Mutual nearest neighbours drawn (the most similar ones).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the two random views.")
+                        help="Mutual nearest neighbours drawn (the most similar ones). Default 20.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the two random views. Default 0.")
     parser.add_argument("--display_size", type=int, default=256, help="""Each view is shown
-        at least this many pixels wide (enlarged by a whole factor, nearest neighbour).""")
-    parser.add_argument("--output_dir", default=".", help="Folder for correspondence.png (created).")
+        at least this many pixels wide (enlarged by a whole factor, nearest neighbour). Default 256.""")
+    parser.add_argument("--output_dir", default=".",
+                        help="Folder for correspondence.png (created). Default: here.")
     return parser
 
 

@@ -94,8 +94,8 @@ def main(args: argparse.Namespace) -> Path:
         raise utils.UserError(f"--data_path {args.data_path} is not a folder (an ImageFolder "
                               "root: <class>/<image>)")
     try:
-        dataset = ImageFolder(args.data_path, transform=eval_transform(args.resize_size, args.crop_size),
-                              loader=utils.load_rgb_image)
+        transform = eval_transform(args.resize_size, args.crop_size)
+        dataset = ImageFolder(args.data_path, transform=transform, loader=utils.load_rgb_image)
     except FileNotFoundError as e:
         raise utils.UserError(f"no images in {args.data_path}: expected <class>/<image> files "
                               f"({utils.user_error_message(e)})") from e
@@ -116,7 +116,8 @@ def main(args: argparse.Namespace) -> Path:
     labels = np.asarray(dataset.targets)[chosen]
     points = tsne_2d(features, args.perplexity, args.seed)
     output = Path(args.output_dir) / OUTPUT_FILE
-    title = f"t-SNE of {info['arch']} CLS features ({len(chosen)} images of {'/'.join(Path(args.data_path).resolve().parts[-2:])})"
+    where = "/".join(Path(args.data_path).resolve().parts[-2:])  # e.g. imagenet/val
+    title = f"t-SNE of {info['arch']} CLS features ({len(chosen)} images of {where})"
     plot(points, labels, dataset.classes, title, output)
     print(f"wrote {output}")
     return output
