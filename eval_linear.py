@@ -44,7 +44,7 @@ import utils
 import vision_transformer as vits
 from evaluation import (add_backbone_and_data_args, build_eval_backbone, build_train_val,
                         check_common_args, describe_backbone, eval_transform, extract_features,
-                        shard_range, usable_workers)
+                        Progress, shard_range, usable_workers)
 
 LAST_HEAD = "linear_last.pth"
 BEST_HEAD = "linear_best.pth"
@@ -144,11 +144,14 @@ def train_transform(crop_size: int) -> transforms.Compose:
 
 
 def train_one_epoch(head: nn.Module, featurize: Callable[[torch.Tensor], torch.Tensor],
-                    loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
-    """One pass over ``loader``; returns the mean loss over all ranks."""
+                    loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
+                    progress: Progress | None = None) -> float:
+    """One pass over ``loader``; returns the mean loss over all ranks. ``progress`` (rank 0's
+    line every few seconds) counts rank 0's images times the number of ranks."""
     head.train()
     criterion = nn.CrossEntropyLoss()
     total, steps = 0.0, 0
+    world_size = utils.get_world_size()
     for inputs, labels in loader:
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = head(featurize(inputs))
@@ -158,6 +161,8 @@ def train_one_epoch(head: nn.Module, featurize: Callable[[torch.Tensor], torch.T
         optimizer.step()
         total += loss.item()
         steps += 1
+        if progress is not None:
+            progress.update(len(labels) * world_size)
     return utils.all_reduce_mean(total / max(steps, 1), device)
 
 
@@ -343,7 +348,8 @@ def main(args: argparse.Namespace) -> dict | None:
         if sampler is not None:
             sampler.set_epoch(epoch)
         epoch_lr = optimizer.param_groups[0]["lr"]
-        loss = train_one_epoch(trained_head, featurize, train_loader, optimizer, device)
+        progress = Progress(f"epoch {epoch + 1}/{args.epochs}", len(train_data))
+        loss = train_one_epoch(trained_head, featurize, train_loader, optimizer, device, progress)
         scheduler.step()
         log = {"epoch": epoch + 1, "train_loss": round(loss, 6), "lr": epoch_lr}
         improved = False

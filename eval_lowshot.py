@@ -87,13 +87,19 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append(f"--percent values must be in (0, 100], got {args.percent}")
     if args.splits < 1:
         problems.append(f"--splits must be >= 1, got {args.splits}")
+    check_eval_args(args, problems + logistic_regression_problems(args))
+
+
+def logistic_regression_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with --l2_grid, --holdout_fraction and --max_iter (also eval_transfer.py's)."""
+    problems = []
     if any(not (l2 > 0 and math.isfinite(l2)) for l2 in args.l2_grid):
         problems.append(f"--l2_grid values must be positive, got {args.l2_grid}")
     if not 0 < args.holdout_fraction < 1:
         problems.append(f"--holdout_fraction must be in (0, 1), got {args.holdout_fraction}")
     if args.max_iter < 1:
         problems.append(f"--max_iter must be >= 1, got {args.max_iter}")
-    check_eval_args(args, problems)
+    return problems
 
 
 # --------------------------------------------------------------------------- subsets

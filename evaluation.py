@@ -10,10 +10,12 @@ gives one number whichever script computes it.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +35,9 @@ import vision_transformer as vits
 SIMILARITY_ELEMENTS_PER_CHUNK = 2 ** 27
 # Rows all-gathered per collective call when assembling features (bounds device memory).
 GATHER_ROWS_PER_CALL = 65536
+
+# Seconds between two progress lines of a long loop (DINO's logger prints every 10-20 steps).
+PROGRESS_INTERVAL_S = 10.0
 
 FEATURE_FILES = ("trainfeat.pth", "valfeat.pth", "trainlabels.pth", "vallabels.pth")
 FEATURE_META = "features_meta.json"
@@ -234,6 +239,47 @@ def describe_backbone(info: dict) -> str:
     return f"{info['arch']}{patch} from {source}{key}{notes}"
 
 
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A progress line every ``interval`` seconds of a long loop over images, on rank 0 only:
+    ``label: done/total images (pct)  N images/s  ETA h:mm:ss``.
+    ``interval`` defaults to ``PROGRESS_INTERVAL_S``.
+
+    Call ``update(n)`` after each batch with the images it held (summed over ranks, or
+    estimated from rank 0's as ``extract_features`` does). Lines come at most every
+    ``interval`` seconds, never one per batch; ``clock`` (default ``time.monotonic``) can be
+    replaced to test it without waiting.
+    """
+
+    def __init__(self, label: str, total: int, interval: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, enabled: bool | None = None) -> None:
+        self.label, self.total, self.clock = label, total, clock
+        self.interval = PROGRESS_INTERVAL_S if interval is None else interval
+        self.enabled = utils.is_main_process() if enabled is None else enabled
+        self.done = 0
+        self.start = self.last = clock()
+
+    def update(self, images: int) -> None:
+        self.done = min(self.total, self.done + images)
+        if not self.enabled:
+            return
+        now = self.clock()
+        if now - self.last >= self.interval and self.done < self.total:
+            self.last = now
+            print(self.line(now), flush=True)
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (datetime.timedelta(seconds=round((self.total - self.done) / rate))
+               if rate > 0 else "?")
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"{self.label}: {self.done}/{self.total} images ({percent:.0f}%)  "
+                f"{rate:.1f} images/s  ETA {eta}")
+
+
 # --------------------------------------------------------------------------- distributed features
 
 
@@ -273,20 +319,26 @@ def gather_in_order(local: torch.Tensor, num_items: int, out_device: torch.devic
 def extract_features(featurize: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset,
                      feature_dim: int, batch_size: int, num_workers: int, device: torch.device,
                      out_device: torch.device | str | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None,
+                     progress_label: str = "features") -> torch.Tensor:
     """``featurize`` over the whole dataset once, split across ranks: ``(len(dataset), feature_dim)``
     in dataset order on every rank (on ``out_device``, default ``device``).
 
     ``generator`` seeds the loader (its workers' base seed); without one, the DataLoader
     draws that seed from the global torch RNG, which the online k-NN of a training run must
-    leave alone."""
+    leave alone. Rank 0 prints a ``Progress`` line (``progress_label: ...``) every few
+    seconds; the images done are rank 0's times the number of ranks (shards are equal to
+    within one image)."""
     num_items = len(dataset)
-    shard = Subset(dataset, list(shard_range(num_items, utils.get_rank(), utils.get_world_size())))
+    world_size = utils.get_world_size()
+    shard = Subset(dataset, list(shard_range(num_items, utils.get_rank(), world_size)))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", drop_last=False, generator=generator)
+    progress = Progress(progress_label, num_items)
     chunks = [torch.empty(0, feature_dim, device=device)]
     for images, _ in loader:
         chunks.append(featurize(images.to(device, non_blocking=True)).float())
+        progress.update(len(images) * world_size)
     return gather_in_order(torch.cat(chunks), num_items, out_device)
 
 
@@ -504,8 +556,10 @@ def train_val_features(args: argparse.Namespace, env: utils.DistEnv,
               f"on {env.world_size} process(es)", flush=True)
     extract = dict(feature_dim=feature_dim, batch_size=args.batch_size_per_gpu,
                    num_workers=args.num_workers, device=env.device)
-    train = F.normalize(extract_features(model, train_set, **extract), dim=1)
-    val = F.normalize(extract_features(model, val_set, **extract), dim=1)
+    train = F.normalize(extract_features(model, train_set, **extract,
+                                         progress_label="train features"), dim=1)
+    val = F.normalize(extract_features(model, val_set, **extract,
+                                       progress_label="val features"), dim=1)
     backbone = {"checkpoint": info["path"], "checkpoint_key": info["checkpoint_key"],
                 "arch": info["arch"], "patch_size": info["patch_size"],
                 "resize_size": args.resize_size, "crop_size": args.crop_size}

@@ -316,10 +316,10 @@ class OnlineKNN:
                           num_workers=self.num_workers, device=device)
             train = F.normalize(extract_features(
                 backbone, self.train, generator=torch.Generator().manual_seed(self.seed),
-                **common), dim=1)
+                progress_label="online k-NN train features", **common), dim=1)
             val = F.normalize(extract_features(
                 backbone, self.val, generator=torch.Generator().manual_seed(self.seed + 1),
-                **common), dim=1)
+                progress_label="online k-NN val features", **common), dim=1)
         finally:
             backbone.train(was_training)
         top1, _ = knn_classifier(train, self.train_labels, val, self.val_labels, self.k,

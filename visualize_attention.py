@@ -10,7 +10,10 @@ writes into ``--output_dir``:
   over the image (bright = attended);
 - ``mask-head{i}.png``: the smallest set of patches holding ``--threshold`` (DINO's 0.6) of
   head i's attention mass, highlighted on the image: the object masks of the DINO paper;
-- ``attn-all.png``: the image and all heat-maps side by side (the README figure).
+- ``attn-all.png``: the image and all heat-maps side by side (the README figure);
+- ``attn-heads-colour.png``: all heads in one picture, the paper's Fig. 2: each pixel in the
+  colour of the head attending to it most, as bright as that head's attention (each head's map
+  scaled to a maximum of 1).
 
 The architecture and patch size come from the checkpoint (stored args, else read off the
 weights). Without ``--pretrained_weights`` the model is randomly initialised, which is only
@@ -21,6 +24,7 @@ matplotlib is installed, a built-in ramp otherwise.
 from __future__ import annotations
 
 import argparse
+import colorsys
 from pathlib import Path
 
 import numpy as np
@@ -97,13 +101,36 @@ def _to_pixels(maps: torch.Tensor, patch_size: int) -> np.ndarray:
     return F.interpolate(maps[None].float(), scale_factor=patch_size, mode="nearest")[0].numpy()
 
 
-def render(img: torch.Tensor, attentions: torch.Tensor, masks: torch.Tensor, patch_size: int,
-           output_dir: Path, alpha: float = 0.6) -> list[Path]:
-    """Write img.png, attn-head{i}.png, mask-head{i}.png and attn-all.png; returns the paths."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+def to_rgb(img: torch.Tensor) -> np.ndarray:
+    """A normalised (3, H, W) image tensor back to float RGB in [0, 255], (H, W, 3)."""
     mean = torch.tensor(utils.IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(utils.IMAGENET_STD).view(3, 1, 1)
-    rgb = ((img[0].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255)
+    return (img.detach().cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255
+
+
+def distinct_colours(n: int) -> np.ndarray:
+    """``n`` saturated colours evenly spaced in hue, (n, 3) in [0, 255]."""
+    return np.array([colorsys.hsv_to_rgb(i / max(n, 1), 0.9, 1.0) for i in range(n)]) * 255
+
+
+def heads_in_colour(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.8) -> np.ndarray:
+    """All heads over a grey copy of ``rgb`` in one picture: each pixel takes the colour of
+    the head that attends to it most (each head's map scaled to a maximum of 1), blended in
+    as strongly as that head attends (``heat``: (heads, H, W) attention, >= 0)."""
+    peak = heat.reshape(len(heat), -1).max(axis=1)
+    scaled = heat / np.where(peak > 0, peak, 1)[:, None, None]
+    strength = alpha * scaled.max(axis=0)[..., None]
+    colour = distinct_colours(len(heat))[scaled.argmax(axis=0)]
+    grey = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2)
+    return (1 - strength) * grey + strength * colour
+
+
+def render(img: torch.Tensor, attentions: torch.Tensor, masks: torch.Tensor, patch_size: int,
+           output_dir: Path, alpha: float = 0.6) -> list[Path]:
+    """Write img.png, attn-head{i}.png, mask-head{i}.png, attn-all.png and
+    attn-heads-colour.png; returns the paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rgb = to_rgb(img[0])
     written = [output_dir / "img.png"]
     Image.fromarray(rgb.round().astype(np.uint8)).save(written[0])
 
@@ -126,6 +153,8 @@ def render(img: torch.Tensor, attentions: torch.Tensor, masks: torch.Tensor, pat
     strip = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
     written.append(output_dir / "attn-all.png")
     Image.fromarray(strip.round().astype(np.uint8)).save(written[-1])
+    written.append(output_dir / "attn-heads-colour.png")
+    Image.fromarray(heads_in_colour(rgb, heat).round().astype(np.uint8)).save(written[-1])
     return written
 
 
@@ -202,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {description}")
     print(f"image {args.image_path} at {img.shape[-1]}x{img.shape[-2]} px (W x H), "
           f"{attentions.shape[0]} heads, {attentions.shape[2]}x{attentions.shape[1]} patches")
-    print(f"wrote {len(written)} PNGs to {args.output_dir} (attn-all.png shows them all)")
+    print(f"wrote {len(written)} PNGs to {args.output_dir} (attn-all.png shows them all, "
+          "attn-heads-colour.png all heads in colour)")
 
 
 if __name__ == "__main__":

@@ -288,8 +288,8 @@ def test_visualize_attention_on_a_real_image(nano_checkpoint, fmnist_folder, tmp
                               "--image_size", "30", "--output_dir", str(out)])
     assert "vit_nano/4" in capsys.readouterr().out  # arch and patch size from the checkpoint
     heads = vits.VIT_ARCHS["vit_nano"][2]
-    expected = ["img.png", "attn-all.png"] + [f"{kind}-head{i}.png" for i in range(heads)
-                                              for kind in ("attn", "mask")]
+    expected = ["img.png", "attn-all.png", "attn-heads-colour.png"] + [
+        f"{kind}-head{i}.png" for i in range(heads) for kind in ("attn", "mask")]
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)
     # 30 px is cropped to 28 (a multiple of the 4 px patch); every map has the image's size.
     for name in expected[:1] + expected[2:]:
