@@ -23,8 +23,9 @@ read from the parameters while they are still on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import PIL
@@ -245,11 +246,27 @@ def resize_boxes(boxes: torch.Tensor, heights: torch.Tensor, widths: torch.Tenso
     wx = resample_matrix(widths, out_size, w).to(dtype).transpose(1, 2)[:, None]  # (N,1,w,S)
     wy = resample_matrix(heights, out_size, h).to(dtype)[:, None]  # (N, 1, S, h)
     x = boxes.to(dtype)
-    if vertical_first:
-        out = _round_clip(torch.matmul(_round_clip(torch.matmul(wy, x)), wx))
-    else:
-        out = _round_clip(torch.matmul(wy, _round_clip(torch.matmul(x, wx))))
+    with _ieee_matmul(x.device):
+        if vertical_first:
+            out = _round_clip(torch.matmul(_round_clip(torch.matmul(wy, x)), wx))
+        else:
+            out = _round_clip(torch.matmul(wy, _round_clip(torch.matmul(x, wx))))
     return out.float()
+
+
+@contextlib.contextmanager
+def _ieee_matmul(device: torch.device) -> Iterator[None]:
+    """float32 matmuls without TF32 here, whatever the process chose: TF32's 10-bit inputs
+    would move the resize's sums by up to ~0.1 level instead of ~1e-5."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _blend(base: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
