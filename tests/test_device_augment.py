@@ -13,7 +13,9 @@ Three layers, on real images (scikit-image's colour photos, Fashion-MNIST):
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -391,3 +393,99 @@ def test_output_channel_statistics_match_the_pil_path(small_photos):
         for channel in range(3):
             d = ks_statistic(ours[:, stat, channel].tolist(), theirs[:, stat, channel].tolist())
             assert d < limit, (stat, channel, d, limit)
+
+
+# --------------------------------------------------------------------------- training
+
+
+from test_train import (REFERENCE, SCRIPT, TIMEOUT, TINY, _env, _free_port,  # noqa: E402
+                        _write_bad_image, load, run_main, run_script, small_args, tiny_data)
+
+_ = (small_args, tiny_data)  # fixtures used below
+
+
+def test_training_on_the_device_is_the_workers_run_and_resumes_exactly(tiny_data, tmp_path):
+    """On the CPU the device crops are the PIL crops, so the run is the same run; killed after
+    its first checkpoint (SIGKILL) and restarted, it ends where the uninterrupted one does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    two_epochs = [*REFERENCE[:REFERENCE.index("--epochs")], "--epochs", "2",
+                  *REFERENCE[REFERENCE.index("--epochs") + 2:]]
+    workers = tmp_path / "workers"
+    assert run_script(two_epochs + ["--data_path", str(tiny_data), "--output_dir",
+                                    str(workers)]).returncode == 0
+    out = tmp_path / "device"
+    argv = two_epochs + ["--data_path", str(tiny_data), "--output_dir", str(out),
+                         "--augment_on", "device", "--num_workers", "2"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + TIMEOUT
+    while not (out / "checkpoint.pth").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load(out / "checkpoint.pth")["epoch"] < 2, "killed too late to test resuming"
+    result = run_script(argv)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and "crops made on the training device" in result.stdout
+    a, b = load(workers / "checkpoint.pth"), load(out / "checkpoint.pth")
+    for key in ("teacher", "memory"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+def test_two_processes_on_the_device_stay_in_sync(tiny_data, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           f"--master-port={_free_port()}", SCRIPT, *TINY, "--batch_size_per_gpu", "8",
+           "--epochs", "1", "--lr", "0.01", "--augment_on", "device",
+           "--data_path", str(tiny_data), "--output_dir", str(out)]
+    env = _env()
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    entry = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    rank0, rank1 = entry["rank_fingerprints"]
+    assert rank0 == rank1
+
+
+def test_an_image_gets_the_same_crops_on_one_or_two_processes(fmnist_folder):
+    """The sampler keys an image's draws by (seed, epoch, image): ranks split the images but
+    each image's plan, and so its crops, are the ones a single process makes."""
+    plan = da.MultiCropPlan(*SCALES, 2, 16, 8)
+    dataset = data.build_pretrain_dataset(str(fmnist_folder / "train"), plan)
+    keys = {}
+    for world in (1, 2):
+        for rank in range(world):
+            sampler = data.PretrainSampler(dataset, world, rank, seed=3,
+                                           samples_per_epoch=len(dataset) // world,
+                                           step_samples=1)
+            sampler.set_epoch(2)
+            for seed, index in sampler:
+                keys.setdefault(index, set()).add(seed)
+    assert all(len(seeds) == 1 for seeds in keys.values())
+    index = next(iter(keys))
+    (pixels, first), _ = dataset[(next(iter(keys[index])), index)]
+    (_, again), _ = dataset[(next(iter(keys[index])), index)]
+    assert torch.equal(first, again)
+
+
+def test_bad_flag_and_bad_images_on_the_device_path(small_args, tiny_data, tmp_path, capsys):
+    import shutil
+    code, _, err = run_main(small_args(tiny_data, "--augment_on", "gpu"), capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --augment_on must be workers or device, got 'gpu'"]
+    bad = tmp_path / "data"
+    shutil.copytree(tiny_data, bad)
+    _write_bad_image(bad / "trouser" / "zz_broken.png")
+    code, _, err = run_main(small_args(bad, "--augment_on", "device"), capsys)
+    assert code == 2 and re.match(r"error: cannot read image .*zz_broken\.png", err), err
+    code, _, err = run_main(small_args(bad, "--augment_on", "device", "--skip_bad_images", "true"),
+                            capsys)
+    assert code == 0 and "zz_broken.png" in err
