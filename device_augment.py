@@ -112,7 +112,8 @@ class MultiCropPlan:
         return [self.global_crops_size] * 2 + [self.local_crops_size] * self.local_crops_number
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8))
         rows = [self._draw(image, self.global_crops_scale, blur_p=1.0, solarize=False),
                 self._draw(image, self.global_crops_scale, blur_p=0.1, solarize=True)]
         rows += [self._draw(image, self.local_crops_scale, blur_p=0.5, solarize=False)
