@@ -8,12 +8,17 @@
   image): an image's crops do not depend on the worker, the rank or the resume point.
 * ``build_loader``: the DataLoader over those, with workers that leave stop signals to the
   training process (``shutdown_loader_workers`` stops them when training ends).
+* ``build_pretrain_transform`` / ``build_training_data``: the one place that builds the
+  training data from the command line's arguments (``--augment_on workers``: the crops made
+  here in the workers; ``device``: the workers decode and draw, ``device_augment`` crops).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -23,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
 import utils
+from device_augment import DeviceMultiCrop, MultiCropPlan, collate_plans
 
 # Bad images tried in a row (with --skip_bad_images) before giving up on a sample.
 MAX_CONSECUTIVE_BAD_IMAGES = 100
@@ -318,7 +324,8 @@ class PretrainSampler(DistributedSampler):
 
 
 def build_loader(dataset: PretrainDataset, sampler: PretrainSampler, batch_size: int,
-                 num_workers: int, device: torch.device, seed: int) -> DataLoader:
+                 num_workers: int, device: torch.device, seed: int,
+                 collate_fn: Callable | None = None) -> DataLoader:
     """The training DataLoader: persistent workers that defer stop signals, pinned memory on
     CUDA, and its own seeded generator so DataLoader seeding never touches the global RNG."""
     generator = torch.Generator()
@@ -326,7 +333,55 @@ def build_loader(dataset: PretrainDataset, sampler: PretrainSampler, batch_size:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=device.type == "cuda", drop_last=True,
                       persistent_workers=num_workers > 0, worker_init_fn=_defer_stop_signals,
-                      generator=generator)
+                      generator=generator, collate_fn=collate_fn)
+
+
+def build_pretrain_transform(args: argparse.Namespace) -> DataAugmentationMaSSL | MultiCropPlan:
+    """The per-image transform ``--augment_on`` asks for: the PIL crops (``workers``) or the
+    crop plan whose crops ``device_augment.DeviceMultiCrop`` makes (``device``); both draw the
+    same random decisions from an image's seed."""
+    kind = MultiCropPlan if args.augment_on == "device" else DataAugmentationMaSSL
+    return kind(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                args.global_crops_size, args.local_crops_size, args.color_jitter_prob,
+                args.grayscale_prob, args.solarization_prob)
+
+
+@dataclass
+class TrainingData:
+    """What a training process draws its crops from (``build_training_data``)."""
+    dataset: PretrainDataset
+    sampler: PretrainSampler
+    loader: DataLoader
+    steps_per_epoch: int
+    augment: DeviceMultiCrop | None  # the device half of --augment_on device, else None
+
+    def crops(self, batch: Any) -> list[torch.Tensor]:
+        """A loader batch -> the crop list ``[global 1, global 2, locals...]`` for the step."""
+        crops, _ = batch
+        return crops if self.augment is None else self.augment(crops)
+
+
+def build_training_data(args: argparse.Namespace, dataset: PretrainDataset, world_size: int,
+                        rank: int, device: torch.device) -> TrainingData:
+    """Sampler, loader and steps per epoch for ``dataset`` (built with
+    ``build_pretrain_transform(args)``) in process ``rank`` of ``world_size``; raises
+    ``utils.UserError`` when the dataset is smaller than one optimizer step."""
+    B, accum = args.batch_size_per_gpu, args.gradient_accumulation
+    steps_per_epoch = len(dataset) // world_size // B // accum
+    if steps_per_epoch == 0:
+        raise utils.UserError(
+            f"the dataset has {len(dataset)} images, fewer than one optimizer step uses "
+            f"(batch_size_per_gpu {B} x {world_size} processes x gradient_accumulation {accum} = "
+            f"{B * world_size * accum})")
+    sampler = PretrainSampler(dataset, num_replicas=world_size, rank=rank, seed=args.seed,
+                              samples_per_epoch=steps_per_epoch * accum * B, step_samples=accum * B)
+    device_side = isinstance(dataset.transform, MultiCropPlan)
+    loader = build_loader(dataset, sampler, B, args.num_workers, device,
+                          seed=mix_seed(args.seed, 3, rank),
+                          collate_fn=collate_plans if device_side else None)
+    augment = (DeviceMultiCrop(dataset.transform.crop_sizes, utils.IMAGENET_MEAN,
+                               utils.IMAGENET_STD, device) if device_side else None)
+    return TrainingData(dataset, sampler, loader, steps_per_epoch, augment)
 
 
 WORKER_STOP_GRACE_S = 120

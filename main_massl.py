@@ -27,12 +27,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 import utils
-from data import (DataAugmentationMaSSL, PretrainDataset, PretrainSampler, build_loader,
-                  build_pretrain_dataset, mix_seed, shutdown_loader_workers)
+from data import (PretrainDataset, TrainingData, build_pretrain_dataset, build_pretrain_transform,
+                  build_training_data, shutdown_loader_workers)
+from device_augment import AUGMENT_ON
 from evaluation import usable_workers
 from monitor import (HEALTH_KEYS, CollapseDetector, OnlineKNN, default_knn_resize,
                      format_health)
@@ -153,12 +154,18 @@ def get_args_parser() -> argparse.ArgumentParser:
         "Side of the local crops in pixels. Reference runs: 96."))
     group.add_argument("--color_jitter_prob", default=0.8, type=float, help=(
         "Probability of colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) "
-        "per crop. Reference runs: 0.8. Tiny grey images (the quick start) want 0: see README, "
-        "Troubleshooting, on views that disagree."))
+        "per crop. Reference runs: 0.8, which the quick start keeps (turning it off cost it 2 "
+        "points: docs/quickstart.md)."))
     group.add_argument("--grayscale_prob", default=0.2, type=float, help=(
         "Probability of converting a crop to grayscale. Reference runs: 0.2."))
     group.add_argument("--solarization_prob", default=0.2, type=float, help=(
-        "Probability of solarizing global crop 2. Reference runs: 0.2. Quick start: 0."))
+        "Probability of solarizing global crop 2. Reference runs: 0.2."))
+    group.add_argument("--augment_on", default="workers", type=str, help=(
+        "Where the crops are made. workers: PIL in the DataLoader workers (~19 ms of CPU per "
+        "image for 2x224 + 10x96 crops; the reference). device: the workers only decode and "
+        "draw the random parameters (the same draws), and the crops are made in batches on "
+        "the training device with PIL's arithmetic: for GPUs whose loader cores cannot keep "
+        "up. On CPU it works but is slower. See README, Data loading."))
 
     group = parser.add_argument_group("data, output and launching")
     group.add_argument("--data_path", required=True, type=str, help=(
@@ -239,6 +246,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
          f"processes): the memory is refilled one global batch at a time")
     need(args.bottleneck_dim >= 1, "--bottleneck_dim must be positive")
     need(args.local_crops_number >= 0, "--local_crops_number must be >= 0")
+    need(args.augment_on in AUGMENT_ON,
+         f"--augment_on must be {' or '.join(AUGMENT_ON)}, got '{args.augment_on}'")
     for name in ("color_jitter_prob", "grayscale_prob", "solarization_prob"):
         need(0.0 <= getattr(args, name) <= 1.0, f"--{name} must be in [0, 1]")
     for name in ("global_crops_scale", "local_crops_scale"):
@@ -301,11 +310,8 @@ def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str
     # Rank 0 owns --output_dir: it checks that it is writable and locks it for the run.
     lock = prepare_output_dir(output_dir) if utils.rank_from_env() == 0 else None
     try:
-        transform = DataAugmentationMaSSL(args.global_crops_scale, args.local_crops_scale,
-                                          args.local_crops_number, args.global_crops_size,
-                                          args.local_crops_size, args.color_jitter_prob,
-                                          args.grayscale_prob, args.solarization_prob)
-        dataset = build_pretrain_dataset(args.data_path, transform, args.skip_bad_images)
+        dataset = build_pretrain_dataset(args.data_path, build_pretrain_transform(args),
+                                         args.skip_bad_images)
         knn = build_online_knn(args)
 
         owns_process_group = not utils.is_dist()
@@ -448,12 +454,8 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
            stop: utils.StopRequest, knn: OnlineKNN | None = None) -> str:
     world, B, accum = env.world_size, args.batch_size_per_gpu, args.gradient_accumulation
     check_args(args, world)  # the real world size, in case the launcher's variables lied
-    steps_per_epoch = len(dataset) // world // B // accum
-    if steps_per_epoch == 0:
-        raise utils.UserError(
-            f"the dataset has {len(dataset)} images, fewer than one optimizer step uses "
-            f"(batch_size_per_gpu {B} x {world} processes x gradient_accumulation {accum} = "
-            f"{B * world * accum})")
+    data = build_training_data(args, dataset, world, env.rank, env.device)
+    steps_per_epoch = data.steps_per_epoch
     output_dir = Path(args.output_dir)
     log = RunLog(args, env, output_dir, steps_per_epoch)
     log("args: " + json.dumps(vars(args), sort_keys=True, default=str))
@@ -467,15 +469,13 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
         log(f"nothing to do: {start.epoch} epochs already done (--epochs {args.epochs})")
         return "finished"
 
-    sampler = PretrainSampler(dataset, num_replicas=world, rank=env.rank, seed=args.seed,
-                              samples_per_epoch=steps_per_epoch * accum * B, step_samples=accum * B)
-    loader = build_loader(dataset, sampler, B, args.num_workers, env.device,
-                          seed=mix_seed(args.seed, 3, env.rank))
     amp = f", {str(trainer.amp_dtype).replace('torch.', '')} autocast" if trainer.amp_dtype else ""
     log(f"data: {len(dataset)} images in {args.data_path}; {world} process(es) x {B} images x "
         f"{accum} micro-batches = {trainer.images_per_step} per step, {steps_per_epoch} steps per "
         f"epoch; lr {trainer.base_lr:.3g} (= {args.lr:g} x {trainer.images_per_step} / 256); "
-        f"device {env.device}{amp}")
+        f"device {env.device}{amp}; crops made on the "
+        f"{'training device' if args.augment_on == 'device' else 'loader workers'} "
+        f"(--augment_on {args.augment_on})")
     if knn is not None:
         log(f"{knn.describe()}; every {args.knn_freq} epoch(s) and after the last")
     log.open_tensorboard(trainer.global_step)
@@ -483,7 +483,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
     try:
         for epoch in range(start.epoch, args.epochs):
             resumed = start if epoch == start.epoch else ResumePoint(epoch=epoch)
-            stopped = run_epoch(trainer, loader, sampler, resumed, stop, log, knn)
+            stopped = run_epoch(trainer, data, resumed, stop, log, knn)
             if stopped is not None:
                 where = (f"epoch {epoch + 1} step {stopped}/{steps_per_epoch}"
                          if stopped < steps_per_epoch else f"the end of epoch {epoch + 1}")
@@ -491,13 +491,13 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
                     f"{output_dir / 'checkpoint.pth'} at {where}")
                 return "preempted"
     finally:
-        shutdown_loader_workers(loader)
+        shutdown_loader_workers(data.loader)
         log.close()
     log(f"Training time {format_seconds(time.time() - log.run_start)}")
     return "finished"
 
 
-def run_epoch(trainer: MaSSLTrainer, loader: Any, sampler: PretrainSampler, start: ResumePoint,
+def run_epoch(trainer: MaSSLTrainer, data: TrainingData, start: ResumePoint,
               stop: utils.StopRequest, log: RunLog, knn: OnlineKNN | None = None) -> int | None:
     """Train ``start.epoch`` from ``start``; save the checkpoint at its end, or mid-epoch when a
     stop signal arrives. Returns None, or the step in the epoch at which the run stopped.
@@ -506,8 +506,8 @@ def run_epoch(trainer: MaSSLTrainer, loader: Any, sampler: PretrainSampler, star
     epoch's last), so the other steps pay nothing; the online k-NN runs at the epoch's end,
     before the checkpoint that carries the epoch's log line."""
     args, epoch, spe = trainer.args, start.epoch, trainer.steps_per_epoch
-    sampler.set_epoch(epoch)
-    sampler.set_start(start.sample)
+    data.sampler.set_epoch(epoch)
+    data.sampler.set_start(start.sample)
     meter, health = utils.MetricMeter(), utils.MetricMeter()  # health: logging steps only
     if start.meter:
         meter.load_state_dict(start.meter)
@@ -515,20 +515,20 @@ def run_epoch(trainer: MaSSLTrainer, loader: Any, sampler: PretrainSampler, star
         health.load_state_dict(start.health)
     log.epoch_warnings = list(start.warnings)
     trainer.global_step = epoch * spe + start.step
-    data = TimedIterator(iter(loader))
+    batches = TimedIterator(iter(data.loader), data.crops)
     epoch_start = time.time() - start.epoch_time_s
     log.window_start = time.time()
     stopping = False
     for step in range(start.step + 1, spe + 1):
         logging_step = step % args.print_freq == 0 or step == spe
-        metrics = trainer.train_step(itertools.islice(data, trainer.accum),
+        metrics = trainer.train_step(itertools.islice(batches, trainer.accum),
                                      stop_requested=stop.signal_name is not None,
                                      monitor=args.health_metrics and logging_step)
         stopping = metrics.pop("stop") > 0
         health_values = {k: metrics.pop(k) for k in HEALTH_KEYS if k in metrics}
         if health_values:  # logging steps only: the means are over the steps that measured
             health.update(**health_values)
-        meter.update(**metrics, images=trainer.images_per_step, data_s=data.pop_wait())
+        meter.update(**metrics, images=trainer.images_per_step, data_s=batches.pop_wait())
         if logging_step or stopping:
             log.step(epoch, step, trainer.global_step, meter, health, epoch_start, start.step,
                      len(trainer.params))
@@ -588,19 +588,21 @@ def epoch_state(meter: utils.MetricMeter | None, health: utils.MetricMeter | Non
 
 
 class TimedIterator:
-    """Wraps the loader's iterator and adds up the time spent waiting for batches."""
+    """Wraps the loader's iterator, adds up the time spent waiting for batches and turns each
+    batch into the step's crop list (``TrainingData.crops``: on the device with
+    ``--augment_on device``, outside the timed wait)."""
 
-    def __init__(self, iterator: Iterator[Any]):
-        self.iterator, self.wait = iterator, 0.0
+    def __init__(self, iterator: Iterator[Any], to_crops: Callable[[Any], list[Any]]):
+        self.iterator, self.to_crops, self.wait = iterator, to_crops, 0.0
 
     def __iter__(self) -> TimedIterator:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> list[Any]:
         t = time.time()
-        crops, _ = next(self.iterator)
+        batch = next(self.iterator)
         self.wait += time.time() - t
-        return crops
+        return self.to_crops(batch)
 
     def pop_wait(self) -> float:
         wait, self.wait = self.wait, 0.0

@@ -49,6 +49,7 @@ from typing import Any, Callable, TextIO  # noqa: E402
 
 import fashion_mnist  # noqa: E402
 import utils  # noqa: E402
+from device_augment import AUGMENT_ON  # noqa: E402
 
 IMPORTS_DONE = time.time()
 
@@ -160,6 +161,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         still says how long the run should take).""")
     parser.add_argument("--device", default=None, help="""'cpu' or 'cuda' (default: cuda when
         available, else cpu), passed to both scripts.""")
+    parser.add_argument("--augment_on", default="workers", choices=list(AUGMENT_ON), help="""Where
+        the crops are made, passed to main_massl.py: 'workers' (PIL in the loader workers,
+        the default) or 'device' (the same crops made in batches on the training device).""")
     return parser
 
 
@@ -303,8 +307,8 @@ def calibrate(train_options: dict[str, Any], data_dir: Path, device: str) -> Cal
     import torch  # noqa: F401  (already imported by utils)
     import evaluation
     import main_massl
-    from data import (DataAugmentationMaSSL, PretrainSampler, build_loader,
-                      build_pretrain_dataset, shutdown_loader_workers)
+    from data import (build_pretrain_dataset, build_pretrain_transform, build_training_data,
+                      shutdown_loader_workers)
     from trainer import MaSSLTrainer
     import_s = (IMPORTS_DONE - PROCESS_START) + (time.time() - start)
 
@@ -313,27 +317,20 @@ def calibrate(train_options: dict[str, Any], data_dir: Path, device: str) -> Cal
         [*to_flags(train_options), "--data_path", str(data_dir / "train"), "--output_dir", "-",
          "--device", device])
     main_massl.check_args(args, world_size=1)
-    dataset = build_pretrain_dataset(args.data_path, DataAugmentationMaSSL(
-        args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-        args.global_crops_size, args.local_crops_size, args.color_jitter_prob,
-        args.grayscale_prob, args.solarization_prob))
-    B, accum = args.batch_size_per_gpu, args.gradient_accumulation
-    steps_per_epoch = len(dataset) // B // accum
-    if steps_per_epoch == 0:
-        raise utils.UserError(f"{len(dataset)} training images are fewer than one step's "
-                              f"{B * accum}")
+    dataset = build_pretrain_dataset(args.data_path, build_pretrain_transform(args))
+    train_data = build_training_data(args, dataset, world_size=1, rank=0,
+                                     device=torch.device(device))
+    steps_per_epoch, accum = train_data.steps_per_epoch, args.gradient_accumulation
     env = utils.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device))
     trainer = MaSSLTrainer(args, env, steps_per_epoch, log=lambda message: None)
-    sampler = PretrainSampler(dataset, num_replicas=1, rank=0, seed=args.seed,
-                              samples_per_epoch=steps_per_epoch * accum * B, step_samples=accum * B)
-    loader = build_loader(dataset, sampler, B, args.num_workers, env.device, seed=args.seed)
+    sampler, loader = train_data.sampler, train_data.loader
     setup_s = time.time() - setup_start
 
     def crops_forever():
         for epoch in itertools.count():
             sampler.set_epoch(epoch)
-            for crops, _ in loader:
-                yield crops
+            for batch in loader:
+                yield train_data.crops(batch)
 
     def sync() -> None:
         if env.device.type == "cuda":
@@ -547,7 +544,7 @@ def quickstart(args: argparse.Namespace, start: float | None = None) -> dict[str
           "start)", flush=True)
 
     python = sys.executable
-    train_options = dict(preset["train"])
+    train_options = dict(preset["train"], augment_on=args.augment_on)
     if not device.startswith("cuda"):
         train_options["use_fp16"] = False
     arch, patch, size = train_options["arch"], train_options["patch_size"], train_options["global_crops_size"]

@@ -20,6 +20,13 @@ Fashion-MNIST images upscaled (grey, so less realistic; the output says which).
     python benchmarks/bench_data.py                        # generated JPEGs, 0/1/2 workers
     python benchmarks/bench_data.py --data_path /imagenet/train --workers 0,4,8,16
     python benchmarks/bench_data.py --quick                # tiny smoke run
+    python benchmarks/bench_data.py --compare augment_on   # workers vs --augment_on device
+
+``--compare augment_on`` times, side by side and alternating, what each ``--augment_on``
+path costs a loader worker per image (CPU seconds of a 1-thread, 0-worker loader: decode,
+crops or plan, collate), and what the device path's second half costs per image in the
+training process (``device_augment.DeviceMultiCrop``; on CUDA as well when a GPU is there,
+timed with synchronisation).
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402  (also puts the repo root on sys.path)
 import data  # noqa: E402
+import main_massl  # noqa: E402
+import utils  # noqa: E402
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
                   "immunohistochemistry", "colorwheel")
@@ -168,13 +177,84 @@ def pipeline(variant: str, data_path: str, args: argparse.Namespace
         augmentation = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), args.local_crops_number,
                                             *sizes)
         return data.build_pretrain_dataset(data_path, augmentation), None
-    augmentation = data.DataAugmentationMaSSL((0.32, 1.0), (0.05, 0.32), args.local_crops_number,
-                                              *sizes)
-    dataset = data.build_pretrain_dataset(data_path, augmentation)
-    whole = len(dataset) // args.batch_size * args.batch_size
-    sampler = data.PretrainSampler(dataset, num_replicas=1, rank=0, seed=0,
-                                   samples_per_epoch=whole, step_samples=args.batch_size)
-    return dataset, sampler
+    built = training_data(data_path, args, "workers", torch.device("cpu"))
+    return built.dataset, built.sampler
+
+
+def training_data(data_path: str, args: argparse.Namespace, augment_on: str,
+                  device: torch.device) -> data.TrainingData:
+    """The training script's data (``data.build_training_data``) for these crops, 0 workers."""
+    train_args = main_massl.build_cli_parser().parse_args([
+        "--data_path", data_path, "--output_dir", "-", "--augment_on", augment_on,
+        "--global_crops_size", str(args.global_size), "--local_crops_size", str(args.local_size),
+        "--local_crops_number", str(args.local_crops_number),
+        "--batch_size_per_gpu", str(args.batch_size), "--num_workers", "0"])
+    dataset = data.build_pretrain_dataset(data_path, data.build_pretrain_transform(train_args))
+    return data.build_training_data(train_args, dataset, world_size=1, rank=0, device=device)
+
+
+def worker_cpu_per_image(built: data.TrainingData, max_batches: int) -> tuple[float, list]:
+    """CPU seconds per image of the loader's work (decode, transform, collate) on one thread,
+    after a first batch; returns the batches too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each worker process gets
+    try:
+        it = iter(built.loader)
+        batches = [next(it)]
+        start = time.process_time()
+        for batch in it:
+            batches.append(batch)
+            if len(batches) > max_batches:
+                break
+        cpu = time.process_time() - start
+    finally:
+        torch.set_num_threads(threads)
+    n = (len(batches) - 1) * built.loader.batch_size
+    if n == 0:
+        raise bu.UserError(f"need at least {2 * built.loader.batch_size} images for one timed "
+                           "batch (--n_images / --batch_size)")
+    return cpu / n, batches
+
+
+def device_seconds_per_image(batches: list, crop_sizes: list[int], device: torch.device) -> float:
+    """Wall seconds per image of ``DeviceMultiCrop`` on ``device`` (first batch: warm-up)."""
+    from device_augment import DeviceMultiCrop
+    augment = DeviceMultiCrop(crop_sizes, utils.IMAGENET_MEAN, utils.IMAGENET_STD, device)
+    pinned = [type(b)(*(t.pin_memory() for t in b)) if device.type == "cuda" else b
+              for b, _ in batches]
+    augment(pinned[0])
+    bu.synchronize(device)
+    start = time.perf_counter()
+    for batch in pinned[1:]:
+        augment(batch)
+    bu.synchronize(device)
+    return (time.perf_counter() - start) / max((len(pinned) - 1) * batches[0][0].params.shape[0], 1)
+
+
+def compare_augment_on(data_path: str, args: argparse.Namespace) -> None:
+    """``--compare augment_on``: worker CPU per image of both paths, device part per image."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    built = {mode: training_data(data_path, args, mode, torch.device("cpu"))
+             for mode in ("workers", "device")}
+    worker: dict[str, list[float]] = {"workers": [], "device": []}
+    device_part: dict[str, list[float]] = {str(d): [] for d in devices}
+    for _ in range(args.rounds):
+        for mode, training in built.items():
+            per_image, batches = worker_cpu_per_image(training, args.max_batches)
+            worker[mode].append(per_image)
+        sizes = built["device"].dataset.transform.crop_sizes
+        for device in devices:
+            device_part[str(device)].append(device_seconds_per_image(batches, sizes, device))
+    med = {k: statistics.median(v) for k, v in worker.items()}
+    print("| path | loader-worker CPU per image | images/s per worker core |")
+    print("|---|---|---|")
+    for mode, value in med.items():
+        print(f"| {mode} | {1000 * value:.2f} ms | {1 / value:.0f} |")
+    for device, values in device_part.items():
+        value = statistics.median(values)
+        print(f"device part on {device}: {1000 * value:.2f} ms per image "
+              f"({1 / value:.0f} images/s{', all threads' if device == 'cpu' else ''})")
+    print(f"ratio: worker CPU per image workers/device {med['workers'] / med['device']:.1f}x")
 
 
 def loader_images_per_s(dataset, batch_size: int, workers: int, max_batches: int,
@@ -235,6 +315,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="script,dino",
                    help="comma-separated pipelines to time: script (the training script's "
                         "augmentation and sampler), dino (DINO's torchvision-v1/PIL pipeline)")
+    p.add_argument("--compare", choices=["augment_on"], default=None,
+                   help="augment_on: worker CPU per image of --augment_on workers vs device, "
+                        "and the device part's time per image (CPU; CUDA too if present)")
     p.add_argument("--quick", action="store_true",
                    help="a few tiny images and crops: checks the script runs, measures nothing")
     return p
@@ -271,6 +354,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"crops: 2x{args.global_size} + {args.local_crops_number}x{args.local_size}, "
               f"batch {args.batch_size}, up to {args.max_batches} timed batches after the first, "
               f"{args.rounds} round(s); 0 workers = loading in the main process on 1 thread")
+        if args.compare == "augment_on":
+            compare_augment_on(data_path, args)
+            print(f"load average after: {load_average()}")
+            return
         pipelines = {variant: pipeline(variant, data_path, args) for variant in variants}
         rates: dict[tuple[str, int], list[float]] = {}
         cpu_rates: dict[str, list[float]] = {}
