@@ -399,7 +399,8 @@ def test_output_channel_statistics_match_the_pil_path(small_photos):
 
 
 from test_train import (REFERENCE, SCRIPT, TIMEOUT, TINY, _env, _free_port,  # noqa: E402
-                        _write_bad_image, load, run_main, run_script, small_args, tiny_data)
+                        _write_bad_image, kill_after_first_checkpoint, load, run_main, run_script,
+                        small_args, tiny_data)
 
 _ = (small_args, tiny_data)  # fixtures used below
 
@@ -407,10 +408,7 @@ _ = (small_args, tiny_data)  # fixtures used below
 def test_training_on_the_device_is_the_workers_run_and_resumes_exactly(tiny_data, tmp_path):
     """On the CPU the device crops are the PIL crops, so the run is the same run; killed after
     its first checkpoint (SIGKILL) and restarted, it ends where the uninterrupted one does."""
-    import signal
-    import subprocess
     import sys
-    import time
     two_epochs = [*REFERENCE[:REFERENCE.index("--epochs")], "--epochs", "2",
                   *REFERENCE[REFERENCE.index("--epochs") + 2:]]
     workers = tmp_path / "workers"
@@ -419,15 +417,7 @@ def test_training_on_the_device_is_the_workers_run_and_resumes_exactly(tiny_data
     out = tmp_path / "device"
     argv = two_epochs + ["--data_path", str(tiny_data), "--output_dir", str(out),
                          "--augment_on", "device", "--num_workers", "2"]
-    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + TIMEOUT
-    while not (out / "checkpoint.pth").exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint([sys.executable, SCRIPT, *argv], out)
     assert load(out / "checkpoint.pth")["epoch"] < 2, "killed too late to test resuming"
     result = run_script(argv)
     assert result.returncode == 0, result.stderr

@@ -149,12 +149,8 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout: float = TIMEOUT) 
     raise AssertionError(f"never printed {pattern!r}:\n{''.join(seen)}\n{proc.stderr.read()}")
 
 
-def test_sigkill_after_first_checkpoint_then_restart_replays_exactly(reference_run, tiny_data,
-                                                                     tmp_path):
-    ref_out, _ = reference_run
-    out = tmp_path / "run"
-    cmd = [sys.executable, SCRIPT, *REFERENCE, "--data_path", str(tiny_data),
-           "--output_dir", str(out)]
+def kill_after_first_checkpoint(cmd: list[str], out: Path) -> None:
+    """Run ``cmd`` and SIGKILL it as soon as ``out/checkpoint.pth`` appears."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + TIMEOUT
@@ -165,6 +161,15 @@ def test_sigkill_after_first_checkpoint_then_restart_replays_exactly(reference_r
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_after_first_checkpoint_then_restart_replays_exactly(reference_run, tiny_data,
+                                                                     tmp_path):
+    ref_out, _ = reference_run
+    out = tmp_path / "run"
+    cmd = [sys.executable, SCRIPT, *REFERENCE, "--data_path", str(tiny_data),
+           "--output_dir", str(out)]
+    kill_after_first_checkpoint(cmd, out)
     assert load(out / "checkpoint.pth")["epoch"] < 3, "killed too late to test resuming"
 
     result = run_script(REFERENCE + ["--data_path", str(tiny_data), "--output_dir", str(out)])
