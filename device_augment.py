@@ -394,6 +394,13 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- device side
 
 
+class DeviceImages(NamedTuple):
+    """A batch's images on the device: ``padded`` ``(B, H, W, 3)`` uint8 (zeros for the large
+    ones), ``large`` the images with a side above MAX_BATCHED_SIDE, by batch position."""
+    padded: torch.Tensor
+    large: dict[int, torch.Tensor]
+
+
 class DeviceMultiCrop:
     """The device half of ``--augment_on device``: a ``PlannedBatch`` -> the list of crop
     batches ``[global 1, global 2, locals...]``, each ``(B, 3, S, S)`` float32 normalised on
@@ -430,7 +437,7 @@ class DeviceMultiCrop:
             crops.extend(x.chunk(len(views)))
         return crops
 
-    def _images(self, pixels: torch.Tensor, shapes: torch.Tensor) -> dict[str, object]:
+    def _images(self, pixels: torch.Tensor, shapes: torch.Tensor) -> DeviceImages:
         """The batch's images on the device: ordinary ones padded into one ``(B, H, W, 3)``
         tensor, those with a side above MAX_BATCHED_SIDE kept apart, one tensor each."""
         shapes = shapes.tolist()  # CPU
@@ -445,11 +452,11 @@ class DeviceMultiCrop:
                 padded[i, :h, :w] = image
             else:
                 large[i] = image
-        return {"padded": padded, "large": large}
+        return DeviceImages(padded, large)
 
-    def _resize(self, images: dict[str, object], p: torch.Tensor, size: int) -> torch.Tensor:
+    def _resize(self, images: DeviceImages, p: torch.Tensor, size: int) -> torch.Tensor:
         """Crop v of every image (``p``: its ``(B, P)`` parameters), resized to ``size``."""
-        padded, large = images["padded"], images["large"]
+        padded, large = images
         p_dev = p.to(self.device, non_blocking=True)
         top, left = p_dev[:, P["top"]].long(), p_dev[:, P["left"]].long()
         heights, widths = p_dev[:, P["height"]], p_dev[:, P["width"]]
