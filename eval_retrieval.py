@@ -76,8 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="'class' protocol: the K of Recall@K.")
     group.add_argument("--dataset", default=None, choices=REVISITED_DATASETS, help="""
         'revisited' protocol: which benchmark. --data_path holds jpg/ and gnd_<dataset>.pkl,
-        directly or in a <dataset>/ subfolder. The .pkl file is unpickled: use the official
-        ground truth (or another file you trust), never one from an unknown source.""")
+        directly or in a <dataset>/ subfolder. The .pkl file is read by a restricted
+        unpickler: only dicts, lists, tuples, strings, numbers and numpy arrays (the
+        official files' content); a file naming anything else is refused unrun.""")
     group.add_argument("--imsize", default=512, type=int, help="""'revisited' protocol: images
         are shrunk (aspect kept, never enlarged) to fit in imsize x imsize (DINO and CARP: 512
         with --multiscale; DINO's README also shows 224 without). --resize_size and
@@ -219,14 +220,39 @@ def find_ground_truth(data_path: str | None, dataset: str) -> Path:
                           "Oxford/Paris page; nothing is downloaded here)")
 
 
+# The only globals a ground-truth pickle may name: what numpy arrays (and numpy scalars) are
+# rebuilt from, under numpy 1's and numpy 2's module names (protocol 5 uses _frombuffer), and
+# what protocol-2 pickles use for an array's bytes (the latin-1 encoder; ``bytes`` for an empty
+# array). Containers, strings and numbers need no global.
+GROUND_TRUTH_GLOBALS = {
+    ("builtins", "bytes"), ("__builtin__", "bytes"), ("_codecs", "encode"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core")
+      for name in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+}
+
+
+class GroundTruthUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, tuples, strings, numbers, booleans, None and numpy arrays, and
+    refuses every other global before it is imported: a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in GROUND_TRUTH_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a ground-truth file "
+                                         "never holds (refused, nothing was run)")
+        return super().find_class(module, name)
+
+
 def load_ground_truth(path: Path) -> dict:
     """The official ``gnd_*.pkl``: {'imlist': [...], 'qimlist': [...], 'gnd': [{'easy', 'hard',
-    'junk', 'bbx'}, ...]} with 0-based database indices and (x1, y1, x2, y2) query boxes."""
+    'junk', 'bbx'}, ...]} with 0-based database indices and (x1, y1, x2, y2) query boxes.
+
+    Read with ``GroundTruthUnpickler``: only containers, strings, numbers and numpy arrays;
+    anything else is refused without being run."""
     try:
         with open(path, "rb") as f:
-            # Unpickling runs code the file names: this is the user's own copy of the
-            # benchmark's ground truth, a trusted dataset file (see --dataset's help).
-            gt = pickle.load(f)
+            gt = GroundTruthUnpickler(f).load()
     except Exception as e:
         raise utils.UserError(f"cannot read ground truth {path}: {utils.user_error_message(e)}") from e
     if not isinstance(gt, dict) or not {"imlist", "qimlist", "gnd"} <= set(gt):
