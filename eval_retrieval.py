@@ -55,7 +55,8 @@ from torchvision import transforms
 
 import utils
 import vision_transformer as vits
-from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args, build_eval_backbone,
+from evaluation import (DUMP_IDENTITY, SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args,
+                        backbone_identity, build_eval_backbone, check_dump_identity,
                         check_eval_args, describe_backbone, dump_features, eval_args_parser,
                         extract_features, finish_run, load_features, print_table, run_as_script,
                         start_run, train_val_features)
@@ -324,7 +325,8 @@ def revisited_features(args: argparse.Namespace, env: utils.DistEnv, gt: dict, i
         if (len(database), len(queries)) != (len(gt["imlist"]), len(gt["qimlist"])):
             raise utils.UserError(f"--load_features {args.load_features}: {len(database)} database"
                                   f" / {len(queries)} query features do not fit the ground truth")
-        backbone = {k: meta.get(k) for k in ("checkpoint", "checkpoint_key", "arch", "patch_size")}
+        check_dump_identity(meta, args)
+        backbone = {k: meta.get(k) for k in DUMP_IDENTITY if k in meta}
         return database.float().to(env.device), queries.float().to(env.device), backbone
     model, feature_dim, info = build_eval_backbone(
         args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size, args.imsize,
@@ -346,8 +348,7 @@ def revisited_features(args: argparse.Namespace, env: utils.DistEnv, gt: dict, i
     featurize = multiscale_featurizer(model, scales, multiple)
     database = F.normalize(extract_features(featurize, database_set, **extract), dim=1)
     queries = F.normalize(extract_features(featurize, query_set, **extract), dim=1)
-    backbone = {"checkpoint": info["path"], "checkpoint_key": info["checkpoint_key"],
-                "arch": info["arch"], "patch_size": info["patch_size"]}
+    backbone = backbone_identity(info)
     if args.dump_features and env.is_main:
         meta = {**backbone, "protocol": "revisited", "dataset": args.dataset,
                 "imsize": args.imsize, "multiscale": args.multiscale,

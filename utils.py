@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import errno
+import hashlib
 import json
 import math
 import os
@@ -406,6 +407,30 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` and a newline to a log file; a full disk, a quota or a read-only file is
+    a ``UserError`` naming the file (what was written before stays as it was)."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        failure = _write_failure(e, path)
+        reason = str(failure).split(" while ")[0] if failure else (e.strerror or str(e))
+        raise UserError(f"{reason} while appending to {path}: free space (or fix the folder's "
+                        "permissions) and run the same command again") from e
+
+
+# numpy's seed range: --seed must fit it.
+MAX_SEED = 2 ** 32 - 1
+
+
+def seed_problem(seed: int) -> str | None:
+    if not 0 <= seed <= MAX_SEED:
+        return f"--seed must be in 0..{MAX_SEED}, got {seed}"
+    return None
+
+
 def check_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> None:
     """Create the folder ``path`` if needed and prove a file can be written in it, so that a
     read-only or misspelt output folder fails at start-up, not after the work is done."""
@@ -672,9 +697,9 @@ def read_checkpoint_backbone(path: str | os.PathLike, checkpoint_key: str = "tea
     Raises ``UserError`` for a missing or unreadable file or a missing ``checkpoint_key``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such file: {path} (--pretrained_weights must be a local file; "
-                        "nothing is downloaded)")
+    problem = pretrained_path_problem(path)
+    if problem is not None:
+        raise UserError(problem)
     args = None
     if path.suffix == ".safetensors":
         try:
@@ -719,6 +744,37 @@ def read_checkpoint_backbone(path: str | os.PathLike, checkpoint_key: str = "tea
     if not backbone:
         raise UserError(f"{path} ('{checkpoint_key}') holds no backbone weights")
     return backbone, args
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes: the identity of a set of
+    weights, whichever file (training checkpoint, export) they were read from."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pretrained_path_problem(path: str | os.PathLike) -> str | None:
+    """Why ``--pretrained_weights path`` cannot be read as a file, or None."""
+    path = Path(path)
+    if path.is_dir():
+        return (f"--pretrained_weights {path} is a folder, not a weights file: name the file in "
+                "it (e.g. checkpoint.pth, or model.safetensors of an export.py folder)")
+    if not path.is_file():
+        return (f"no such file: {path} (--pretrained_weights must be a local file; nothing is "
+                "downloaded)")
+    return None
 
 
 def _listed(keys: list[str]) -> str:
@@ -839,7 +895,7 @@ def build_backbone_from_checkpoint(path: str | os.PathLike, arch: str | None = N
         raise
     info = {"path": str(path), "checkpoint_key": checkpoint_key, "arch": arch,
             "patch_size": patch_size, "img_size": img_size, "feature_dim": feature_dim,
-            "args": args, "notes": notes}
+            "weights_sha256": state_dict_sha256(model.state_dict()), "args": args, "notes": notes}
     return model, feature_dim, info
 
 
