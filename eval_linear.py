@@ -56,8 +56,7 @@ LOG_FILE = "linear_log.txt"  # not log.txt: that name is a training's (plot_trai
 # Settings a saved head depends on: resuming with other values would mix two experiments.
 RESUME_SETTINGS = ("pretrained_weights", "checkpoint_key", "arch", "patch_size", "n_last_blocks",
                    "avgpool_patchtokens", "cache_features", "resize_size", "crop_size", "epochs",
-                   "lr", "feature_dim", "num_classes", "weights_sha256", "seed",
-                   "batch_size_per_gpu", "world_size")
+                   "lr", "feature_dim", "num_classes", "weights_sha256")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -280,8 +279,7 @@ def main(args: argparse.Namespace) -> dict | None:
                 "cache_features": args.cache_features, "resize_size": args.resize_size,
                 "crop_size": args.crop_size, "epochs": args.epochs, "lr": args.lr,
                 "feature_dim": featurizer.feature_dim, "num_classes": num_classes,
-                "weights_sha256": info["weights_sha256"], "seed": args.seed,
-                "batch_size_per_gpu": args.batch_size_per_gpu, "world_size": env.world_size}
+                "weights_sha256": info["weights_sha256"]}
     protocol = ("cached features: un-augmented train images, NOT the paper protocol"
                 if args.cache_features else "paper: frozen backbone, RandomResizedCrop + flip")
     if env.is_main:
