@@ -343,7 +343,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         respect_umask(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - any writer's error; only space problems are reworded
+        if isinstance(e, UserError):
+            raise
         failure = _write_failure(e, path)
         if failure is None:
             raise
@@ -379,9 +381,10 @@ def _write_failure(exc: BaseException, path: Path) -> UserError | None:
     """A ``UserError`` for a write to ``path`` that failed for lack of space, else None."""
     chain = _exception_chain(exc)
     codes = {e.errno for e in chain if isinstance(e, OSError)}
-    if errno.ENOSPC in codes:
+    texts = " ".join(str(e) for e in chain)  # writers in other languages (safetensors' Rust)
+    if errno.ENOSPC in codes or "No space left on device" in texts:
         reason = "no space left on device"
-    elif errno.EDQUOT in codes:
+    elif errno.EDQUOT in codes or "Disk quota exceeded" in texts:
         reason = "disk quota exceeded"
     elif any(isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES)
              for e in chain):
