@@ -251,19 +251,22 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 class StopRequest:
-    """SIGTERM/SIGUSR1 (cluster preemption) handlers that only record the request; the
-    training loop finishes its step, saves and returns. ``restore()`` puts the previous
-    handlers back."""
+    """SIGTERM/SIGUSR1 (cluster preemption) and SIGINT (Ctrl-C) handlers that only record the
+    request; the training loop finishes its step, saves and returns. A second Ctrl-C stops at
+    once (``SystemExit`` 130: ``finally`` blocks still run, the last saved checkpoint is kept).
+    ``restore()`` puts the previous handlers back."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def install(self) -> bool:
         if threading.current_thread() is not threading.main_thread():
             return False  # Python only delivers signals to the main thread
+        self._pid = os.getpid()
         for name in self.SIGNALS:
             if hasattr(signal, name):
                 sig = getattr(signal, name)
@@ -271,7 +274,17 @@ class StopRequest:
         return True
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
+        if os.getpid() != self._pid:
+            return  # a forked data worker: its parent decides (Ctrl-C reaches the whole group)
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.signal_name == "SIGINT":
+            print("\nsecond Ctrl-C: stopping now; the last saved checkpoint is kept",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        if name == "SIGINT" and self.signal_name is None:
+            print("\nCtrl-C: finishing this step and saving (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+        self.signal_name = self.signal_name or name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
