@@ -817,6 +817,11 @@ def main(argv: list[str] | None = None) -> None:
         utils.exit_with_error(utils.user_error_message(e))
     except NonFiniteLossError as e:
         utils.exit_with_error(str(e), code=1)
+    except Exception as e:  # noqa: BLE001 - reworded only when a peer was lost
+        message = utils.lost_peer_message(e, args.output_dir)
+        if message is None:
+            raise
+        utils.exit_with_error(message, code=1)
     if outcome == "interrupted":
         if utils.rank_from_env() == 0:
             print(f"interrupted (Ctrl-C): state saved in {Path(args.output_dir) / 'checkpoint.pth'}"

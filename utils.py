@@ -292,6 +292,27 @@ class StopRequest:
         self._previous.clear()
 
 
+# Words of the errors gloo and NCCL raise on a surviving rank when a peer died or stalled.
+_LOST_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                    "timed out", "timeout", "nccl", "gloo", "socket")
+
+
+def lost_peer_message(exc: BaseException, output_dir: str | os.PathLike) -> str | None:
+    """One line for a collective that failed because another process of the job died or
+    stalled (None when ``exc`` is something else, or there is no job of several processes)."""
+    if world_size_from_env() <= 1:
+        return None
+    dist_error = getattr(dist, "DistError", ())
+    text = " ".join(str(e) for e in _exception_chain(exc)).lower()
+    if not (isinstance(exc, dist_error) or
+            (isinstance(exc, RuntimeError) and any(w in text for w in _LOST_PEER_WORDS))):
+        return None
+    return (f"rank {rank_from_env()} of {world_size_from_env()}: lost contact with the other "
+            f"processes ({_first_line(exc)[:160]}): another rank died or stalled (the launcher's "
+            f"report names it). The last checkpoint in {output_dir} is intact: run the same "
+            "command again to resume")
+
+
 # --------------------------------------------------------------------------- randomness
 
 

@@ -143,3 +143,30 @@ def test_stop_request_ignores_signals_in_forked_children():
     stop._handle(signal.SIGINT, None)
     stop._handle(signal.SIGINT, None)
     assert stop.signal_name is None
+
+
+def test_a_lost_rank_gives_one_line_naming_the_rank_and_how_to_resume(tiny_data, tmp_path):
+    from test_eval import free_port
+
+    argv = args_for(tiny_data, tmp_path / "out", "--batch_size_per_gpu", "8")
+    argv[argv.index("--epochs") + 1] = "20"
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "MASSL_DIST_TIMEOUT_S": "60",
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        _read_until(procs[0], r"Epoch \[1/20\] it \[2/")
+        procs[1].kill()  # SIGKILL: the rank vanishes mid-step
+        _, stderr = procs[0].communicate(timeout=120)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    assert procs[0].returncode == 1, stderr
+    line = one_error_line(stderr)
+    assert "rank 0 of 2: lost contact with the other processes" in line
+    assert "run the same command again to resume" in line
