@@ -604,7 +604,12 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 def load_rgb_image(path: str) -> Image.Image:
     """Open an image as 8-bit RGB (high bit depths scaled, see ``to_8bit``); raise
-    ``BadImageError`` naming the file if it is unreadable."""
+    ``BadImageError`` naming the file if it is unreadable.
+
+    Pixels are taken as stored: an EXIF orientation tag (phone photos) is not applied, as in
+    DINO's and torchvision's ImageNet pipelines, so our numbers stay comparable with theirs.
+    Training and every evaluation read images through here, so they agree. For photos that
+    should be upright, rotate them once beforehand (e.g. ``PIL.ImageOps.exif_transpose``)."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)

@@ -84,3 +84,28 @@ def test_inconsistent_feature_sizes_are_one_line(tmp_path, repo_root):
         assert_clean_exit(run_in_process(repo_root, script, "--load_features", tmp_path / "d",
                                          "--output_dir", tmp_path / "o"),
                           "inconsistent shapes")
+
+
+def test_an_exif_rotated_photo_is_read_as_stored_everywhere(fmnist_folder, tmp_path):
+    """The documented choice (utils.load_rgb_image): EXIF orientation is not applied, as in
+    DINO's ImageNet pipeline; training (data.py) and evaluation (ImageFolder) agree."""
+    from PIL import Image
+
+    import data
+
+    stored = Image.new("RGB", (40, 20), (200, 30, 30))
+    stored.paste((30, 30, 200), (0, 0, 10, 20))  # a blue left edge: any rotation moves it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    root = tmp_path / "photos"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        stored.save(root / split / "a" / "p.jpg", exif=exif, quality=100)
+    assert Image.open(root / "train" / "a" / "p.jpg").getexif()[0x0112] == 6
+    loaded = utils.load_rgb_image(str(root / "train" / "a" / "p.jpg"))
+    assert loaded.size == (40, 20)  # not (20, 40): not rotated
+    assert loaded.getpixel((2, 10))[2] > 150 and loaded.getpixel((35, 10))[0] > 150
+    train, _ = evaluation.build_train_val(str(root), lambda img: img, lambda img: img)
+    assert train[0][0].size == (40, 20)
+    pretrain = data.build_pretrain_dataset(str(root / "train"), None)
+    assert pretrain.load(0)[0].size == (40, 20)
