@@ -260,7 +260,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
          f"--warmup_epochs {args.warmup_epochs} is more than --epochs {args.epochs}: the learning "
          "rate would never reach --lr; use fewer warm-up epochs")
     for name in ("weight_decay", "weight_decay_end"):
-        need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+        need(not getattr(args, name) < 0,  # nan is left to the finite-number check below
+             f"--{name} must be >= 0, got {getattr(args, name)}")
     problem = utils.seed_problem(args.seed)
     need(problem is None, problem or "")
     need(0 <= args.momentum_teacher <= 1, "--momentum_teacher must be in [0, 1]")
