@@ -188,7 +188,6 @@ def main(argv: list[str] | None = None) -> None:
         if len(args.image_size) > 2 or min(args.image_size) <= 0:
             raise UserError("--image_size takes one or two positive numbers, got "
                             f"{args.image_size}")
-        check_writable_dir(args.output_dir)  # a read-only folder fails now, not after the work
         image = load_rgb_image(args.image_path)
         model, patch_size, description = load_model(
             args.pretrained_weights or None, args.arch, args.patch_size, args.checkpoint_key)
@@ -197,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         img = preprocess(image, args.image_size, patch_size).to(device)
         attentions = cls_attention(model, img, patch_size)
         masks = mass_threshold_masks(attentions, args.threshold)
+        check_writable_dir(args.output_dir)  # once the input is known good: no folder otherwise
         written = render(img, attentions, masks, patch_size, Path(args.output_dir))
     except UserError as e:
         exit_with_error(user_error_message(e))
