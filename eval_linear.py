@@ -15,8 +15,11 @@ uses ``--n_last_blocks 1 --avgpool_patchtokens true``).
     python eval_linear.py ... --cache_features true --resize_size 28 --crop_size 28  # small data
 
 The head is saved to ``OUTPUT_DIR/linear_last.pth`` every epoch (a run restarted with
-the same output folder resumes from it) and to ``linear_best.pth`` when val top-1
-improves. Results go to ``OUTPUT_DIR/linear_results.json``::
+the same output folder resumes from it, exactly: every epoch's shuffle and augmentations
+are seeded from (--seed, epoch), so a run killed at any point and restarted ends with the
+same head as one never stopped) and to ``linear_best.pth`` when val top-1 improves. One
+JSON line per epoch goes to ``OUTPUT_DIR/linear_log.txt`` (never a training's ``log.txt``);
+the folder is locked like a training's, so two runs never write into one folder. Results go to ``OUTPUT_DIR/linear_results.json``::
 
     {"top1": ..., "top5": ..., "best_top1": ..., "epoch": ..., "num_train": ..., "num_val": ...,
      "num_classes": ..., "top5_is_top": 5, "protocol": ..., "checkpoint": ..., "arch": ..., ...}
@@ -42,16 +45,18 @@ from torchvision import transforms
 
 import utils
 import vision_transformer as vits
-from evaluation import (add_backbone_and_data_args, build_eval_backbone, build_train_val,
-                        check_common_args, describe_backbone, eval_transform, extract_features,
-                        Progress, shard_range, usable_workers)
+from evaluation import (add_backbone_and_data_args, backbone_identity, build_eval_backbone,
+                        build_train_val, check_common_args, check_crop_size, describe_backbone,
+                        eval_transform, extract_features, lock_output_dir, Progress, run_as_script,
+                        shard_range, unlock_output_dir, usable_workers)
 
 LAST_HEAD = "linear_last.pth"
 BEST_HEAD = "linear_best.pth"
+LOG_FILE = "linear_log.txt"  # not log.txt: that name is a training's (plot_training.py reads it)
 # Settings a saved head depends on: resuming with other values would mix two experiments.
 RESUME_SETTINGS = ("pretrained_weights", "checkpoint_key", "arch", "patch_size", "n_last_blocks",
                    "avgpool_patchtokens", "cache_features", "resize_size", "crop_size", "epochs",
-                   "lr", "feature_dim", "num_classes")
+                   "lr", "feature_dim", "num_classes", "weights_sha256")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -238,6 +243,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> dict | None:
     """Train (or only evaluate) the linear head; returns the results dict on the main process."""
     check_args(args)
+    lock_output_dir(args.output_dir)
     args.num_workers = usable_workers(args.num_workers)
     env = utils.init_distributed(device=args.device)
     device = env.device
@@ -264,6 +270,7 @@ def main(args: argparse.Namespace) -> dict | None:
         args.data_path, train_transform(args.crop_size) if augment else val_tf, val_tf)
     backbone, _, info = build_eval_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
                                             args.patch_size, args.crop_size, args.seed)
+    check_crop_size(info, args.crop_size)
     featurizer = FrozenFeatures(backbone, args.n_last_blocks, args.avgpool_patchtokens).to(device)
     featurizer.eval()
     if not featurizer.is_vit and env.is_main:
@@ -276,7 +283,8 @@ def main(args: argparse.Namespace) -> dict | None:
                 "n_last_blocks": args.n_last_blocks, "avgpool_patchtokens": args.avgpool_patchtokens,
                 "cache_features": args.cache_features, "resize_size": args.resize_size,
                 "crop_size": args.crop_size, "epochs": args.epochs, "lr": args.lr,
-                "feature_dim": featurizer.feature_dim, "num_classes": num_classes}
+                "feature_dim": featurizer.feature_dim, "num_classes": num_classes,
+                "weights_sha256": info["weights_sha256"]}
     protocol = ("cached features: un-augmented train images, NOT the paper protocol"
                 if args.cache_features else "paper: frozen backbone, RandomResizedCrop + flip")
     if env.is_main:
@@ -285,9 +293,8 @@ def main(args: argparse.Namespace) -> dict | None:
               f"{len(train_set)} train / {len(val_set)} val images; {env.world_size} process(es); "
               f"{protocol}", flush=True)
     results_common = {"num_train": len(train_set), "num_val": len(val_set), "num_classes": num_classes,
-                      "top5_is_top": min(5, num_classes), "checkpoint": info["path"],
-                      "checkpoint_key": info["checkpoint_key"], "arch": info["arch"],
-                      "patch_size": info["patch_size"], "n_last_blocks": args.n_last_blocks,
+                      "top5_is_top": min(5, num_classes), **backbone_identity(info),
+                      "n_last_blocks": args.n_last_blocks,
                       "avgpool_patchtokens": args.avgpool_patchtokens,
                       "feature_dim": featurizer.feature_dim, "world_size": env.world_size}
     eval_kwargs = dict(num_classes=num_classes, batch_size=args.batch_size_per_gpu, device=device)
@@ -347,6 +354,10 @@ def main(args: argparse.Namespace) -> dict | None:
     for epoch in range(start_epoch, args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        # The shuffle, the workers' seeds and the augmentations of this epoch all come from
+        # torch's global generator: seeded from (seed, epoch), an epoch replays identically
+        # after a restart from linear_last.pth, wherever the previous run was killed.
+        utils.fix_random_seeds(epoch_seed(args.seed, epoch))
         epoch_lr = optimizer.param_groups[0]["lr"]
         progress = Progress(f"epoch {epoch + 1}/{args.epochs}", len(train_data))
         loss = train_one_epoch(trained_head, featurize, train_loader, optimizer, device, progress)
@@ -372,8 +383,7 @@ def main(args: argparse.Namespace) -> dict | None:
                 line += (f"  val top-1 {log['val_top1']:.2f}  top-{min(5, num_classes)} "
                          f"{log['val_top5']:.2f}  (best top-1 {best_top1:.2f})")
             print(line, flush=True)
-            with open(output_dir / "log.txt", "a") as f:
-                f.write(json.dumps(log) + "\n")
+            utils.append_line(output_dir / LOG_FILE, json.dumps(log))
 
     if last_val is None or last_val.get("epoch") != args.epochs:  # e.g. resumed a finished run
         top1, top5 = evaluate(head, featurize, val_data, num_workers=loader_workers, **eval_kwargs)
@@ -386,6 +396,11 @@ def main(args: argparse.Namespace) -> dict | None:
     return _finish(results, output_dir, env.is_main)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's randomness, within numpy's 32-bit range."""
+    return (seed * 1_000_003 + epoch) % 2 ** 32
+
+
 def _finish(results: dict, output_dir: Path, is_main: bool) -> dict | None:
     if is_main:
         top_n = results["top5_is_top"]
@@ -395,12 +410,9 @@ def _finish(results: dict, output_dir: Path, is_main: bool) -> dict | None:
         print(f"results written to {output_dir / 'linear_results.json'}", flush=True)
     utils.barrier()
     utils.cleanup_distributed()
+    unlock_output_dir(output_dir)
     return results if is_main else None
 
 
 if __name__ == "__main__":
-    parsed = get_args_parser().parse_args()
-    try:
-        main(parsed)
-    except utils.UserError as e:
-        utils.exit_with_error(utils.user_error_message(e))
+    run_as_script(get_args_parser, main)

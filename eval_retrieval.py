@@ -55,7 +55,8 @@ from torchvision import transforms
 
 import utils
 import vision_transformer as vits
-from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args, build_eval_backbone,
+from evaluation import (DUMP_IDENTITY, SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args,
+                        backbone_identity, build_eval_backbone, check_dump_identity,
                         check_eval_args, describe_backbone, dump_features, eval_args_parser,
                         extract_features, finish_run, load_features, print_table, run_as_script,
                         start_run, train_val_features)
@@ -76,8 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="'class' protocol: the K of Recall@K.")
     group.add_argument("--dataset", default=None, choices=REVISITED_DATASETS, help="""
         'revisited' protocol: which benchmark. --data_path holds jpg/ and gnd_<dataset>.pkl,
-        directly or in a <dataset>/ subfolder. The .pkl file is unpickled: use the official
-        ground truth (or another file you trust), never one from an unknown source.""")
+        directly or in a <dataset>/ subfolder. The .pkl file is read by a restricted
+        unpickler: only dicts, lists, tuples, strings, numbers and numpy arrays (the
+        official files' content); a file naming anything else is refused unrun.""")
     group.add_argument("--imsize", default=512, type=int, help="""'revisited' protocol: images
         are shrunk (aspect kept, never enlarged) to fit in imsize x imsize (DINO and CARP: 512
         with --multiscale; DINO's README also shows 224 without). --resize_size and
@@ -219,14 +221,39 @@ def find_ground_truth(data_path: str | None, dataset: str) -> Path:
                           "Oxford/Paris page; nothing is downloaded here)")
 
 
+# The only globals a ground-truth pickle may name: what numpy arrays (and numpy scalars) are
+# rebuilt from, under numpy 1's and numpy 2's module names (protocol 5 uses _frombuffer), and
+# what protocol-2 pickles use for an array's bytes (the latin-1 encoder; ``bytes`` for an empty
+# array). Containers, strings and numbers need no global.
+GROUND_TRUTH_GLOBALS = {
+    ("builtins", "bytes"), ("__builtin__", "bytes"), ("_codecs", "encode"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core")
+      for name in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+}
+
+
+class GroundTruthUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, tuples, strings, numbers, booleans, None and numpy arrays, and
+    refuses every other global before it is imported: a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in GROUND_TRUTH_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a ground-truth file "
+                                         "never holds (refused, nothing was run)")
+        return super().find_class(module, name)
+
+
 def load_ground_truth(path: Path) -> dict:
     """The official ``gnd_*.pkl``: {'imlist': [...], 'qimlist': [...], 'gnd': [{'easy', 'hard',
-    'junk', 'bbx'}, ...]} with 0-based database indices and (x1, y1, x2, y2) query boxes."""
+    'junk', 'bbx'}, ...]} with 0-based database indices and (x1, y1, x2, y2) query boxes.
+
+    Read with ``GroundTruthUnpickler``: only containers, strings, numbers and numpy arrays;
+    anything else is refused without being run."""
     try:
         with open(path, "rb") as f:
-            # Unpickling runs code the file names: this is the user's own copy of the
-            # benchmark's ground truth, a trusted dataset file (see --dataset's help).
-            gt = pickle.load(f)
+            gt = GroundTruthUnpickler(f).load()
     except Exception as e:
         raise utils.UserError(f"cannot read ground truth {path}: {utils.user_error_message(e)}") from e
     if not isinstance(gt, dict) or not {"imlist", "qimlist", "gnd"} <= set(gt):
@@ -298,7 +325,8 @@ def revisited_features(args: argparse.Namespace, env: utils.DistEnv, gt: dict, i
         if (len(database), len(queries)) != (len(gt["imlist"]), len(gt["qimlist"])):
             raise utils.UserError(f"--load_features {args.load_features}: {len(database)} database"
                                   f" / {len(queries)} query features do not fit the ground truth")
-        backbone = {k: meta.get(k) for k in ("checkpoint", "checkpoint_key", "arch", "patch_size")}
+        check_dump_identity(meta, args)
+        backbone = {k: meta.get(k) for k in DUMP_IDENTITY if k in meta}
         return database.float().to(env.device), queries.float().to(env.device), backbone
     model, feature_dim, info = build_eval_backbone(
         args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size, args.imsize,
@@ -320,8 +348,7 @@ def revisited_features(args: argparse.Namespace, env: utils.DistEnv, gt: dict, i
     featurize = multiscale_featurizer(model, scales, multiple)
     database = F.normalize(extract_features(featurize, database_set, **extract), dim=1)
     queries = F.normalize(extract_features(featurize, query_set, **extract), dim=1)
-    backbone = {"checkpoint": info["path"], "checkpoint_key": info["checkpoint_key"],
-                "arch": info["arch"], "patch_size": info["patch_size"]}
+    backbone = backbone_identity(info)
     if args.dump_features and env.is_main:
         meta = {**backbone, "protocol": "revisited", "dataset": args.dataset,
                 "imsize": args.imsize, "multiscale": args.multiscale,

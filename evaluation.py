@@ -41,6 +41,9 @@ PROGRESS_INTERVAL_S = 10.0
 
 FEATURE_FILES = ("trainfeat.pth", "valfeat.pth", "trainlabels.pth", "vallabels.pth")
 FEATURE_META = "features_meta.json"
+# What a dump records about what made it (``backbone_identity`` and the transform).
+DUMP_IDENTITY = ("checkpoint", "checkpoint_key", "arch", "patch_size", "weights_sha256",
+                 "feature_dim", "resize_size", "crop_size")
 
 
 # --------------------------------------------------------------------------- flags
@@ -97,9 +100,10 @@ def check_common_args(args: argparse.Namespace, problems: list[str]) -> None:
         problems.append("--patch_size must be at least 1")
     if args.num_workers < 0:
         problems.append("--num_workers must be >= 0")
-    if args.pretrained_weights and not Path(args.pretrained_weights).is_file():
-        problems.append(f"no such file: {args.pretrained_weights} (--pretrained_weights must be "
-                        "a local file; nothing is downloaded)")
+    if utils.seed_problem(args.seed):
+        problems.append(utils.seed_problem(args.seed))
+    if args.pretrained_weights and utils.pretrained_path_problem(args.pretrained_weights):
+        problems.append(utils.pretrained_path_problem(args.pretrained_weights))
     problems += [f"--{name} {value}: must be a finite number" for name, value in sorted(vars(args).items())
                  if isinstance(value, float) and not math.isfinite(value)]
     if problems:
@@ -220,7 +224,8 @@ def build_eval_backbone(pretrained_weights: str, checkpoint_key: str, arch: str 
         except vits.UnknownArchError as e:
             raise utils.UserError(str(e)) from e
         info = {"path": None, "checkpoint_key": None, "arch": arch, "patch_size": patch_size,
-                "img_size": crop_size, "feature_dim": feature_dim, "args": None,
+                "img_size": crop_size, "feature_dim": feature_dim,
+                "weights_sha256": utils.state_dict_sha256(model.state_dict()), "args": None,
                 "notes": [f"seed {seed}"]}
         if utils.is_main_process():
             print(f"WARNING: no --pretrained_weights: evaluating a RANDOMLY INITIALISED {arch} "
@@ -229,6 +234,25 @@ def build_eval_backbone(pretrained_weights: str, checkpoint_key: str, arch: str 
     model.eval()
     model.requires_grad_(False)
     return model, feature_dim, info
+
+
+def check_crop_size(info: dict, crop_size: int) -> None:
+    """A ViT cuts the crop into whole patches: refuse a --crop_size that is no multiple of
+    the patch size before any image is read (timm would assert mid-run)."""
+    patch = info.get("patch_size")
+    if info["arch"] in vits.VIT_ARCHS and patch and crop_size % patch:
+        below = max(patch, crop_size // patch * patch)
+        raise utils.UserError(f"--crop_size {crop_size} is not a multiple of the patch size "
+                              f"{patch}: use e.g. {below} or {below + patch}")
+
+
+def backbone_identity(info: dict) -> dict:
+    """What made a set of features: results files and feature dumps carry it, so features or
+    numbers of one checkpoint are never taken for another's (``weights_sha256`` is the hash of
+    the backbone weights, the same whether read from a training checkpoint or an export)."""
+    return {"checkpoint": info["path"], "checkpoint_key": info["checkpoint_key"],
+            "arch": info["arch"], "patch_size": info["patch_size"],
+            "weights_sha256": info["weights_sha256"], "feature_dim": info["feature_dim"]}
 
 
 def describe_backbone(info: dict) -> str:
@@ -411,25 +435,64 @@ def effective_ks(requested: list[int], num_train: int) -> list[int]:
 
 def dump_features(folder: Path, train_features: torch.Tensor, val_features: torch.Tensor,
                   train_labels: torch.Tensor, val_labels: torch.Tensor, meta: dict) -> None:
+    """The four tensors, then ``features_meta.json`` with ``meta`` (what made them: see
+    ``backbone_identity``), their sizes and each file's SHA-256: a dump whose files were
+    replaced or mixed with another dump's is refused by ``load_features``."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, tensor in zip(FEATURE_FILES, (train_features, val_features, train_labels, val_labels)):
         utils.save_atomic(tensor.cpu(), folder / name)
-    utils.write_json(meta, folder / FEATURE_META)
+    files = {name: utils.file_sha256(folder / name) for name in FEATURE_FILES}
+    utils.write_json({**meta, "num_train": len(train_features), "num_val": len(val_features),
+                      "files_sha256": files}, folder / FEATURE_META)
 
 
 def load_features(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    missing = [name for name in FEATURE_FILES if not (folder / name).is_file()]
+    """The tensors and meta of ``dump_features``, each file checked against the meta."""
+    missing = [name for name in (*FEATURE_FILES, FEATURE_META) if not (folder / name).is_file()]
     if missing:
         raise utils.UserError(f"--load_features {folder}: missing {', '.join(missing)} "
                               "(write them with --dump_features)")
+    try:
+        meta = json.loads((folder / FEATURE_META).read_text())
+    except (OSError, ValueError) as e:
+        raise utils.UserError(f"--load_features {folder}: cannot read {FEATURE_META}: {e}") from e
+    recorded = meta.get("files_sha256") if isinstance(meta, dict) else None
+    if not isinstance(recorded, dict):
+        raise utils.UserError(f"--load_features {folder}: {FEATURE_META} does not say which "
+                              "files it describes (written by an older version?): dump the "
+                              "features again with --dump_features")
+    changed = [name for name in FEATURE_FILES if recorded.get(name) != utils.file_sha256(folder / name)]
+    if changed:
+        raise utils.UserError(f"--load_features {folder}: {', '.join(changed)} are not the files "
+                              f"{FEATURE_META} describes (replaced, or mixed from another dump): "
+                              "dump the features again with --dump_features")
     try:
         tensors = [torch.load(folder / name, map_location="cpu", weights_only=True)
                    for name in FEATURE_FILES]
     except Exception as e:
         raise utils.UserError(f"cannot read features in {folder}: {utils.user_error_message(e)}") from e
-    meta_file = folder / FEATURE_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    train, val, train_labels, val_labels = tensors
+    if (train.ndim != 2 or val.ndim != 2 or train.shape[1] != val.shape[1]
+            or len(train_labels) != len(train) or len(val_labels) != len(val)):
+        raise utils.UserError(f"--load_features {folder}: inconsistent shapes (train "
+                              f"{tuple(train.shape)}, val {tuple(val.shape)}, labels "
+                              f"{len(train_labels)}/{len(val_labels)})")
     return (*tensors, meta)
+
+
+def check_dump_identity(meta: dict, args: argparse.Namespace) -> None:
+    """With ``--load_features`` and ``--pretrained_weights`` both given, the dump must hold
+    features of those weights (and ``--checkpoint_key``): built and hashed to compare."""
+    if not args.pretrained_weights:
+        return
+    _, _, info = build_eval_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
+                                     args.patch_size, args.crop_size, args.seed)
+    if meta.get("weights_sha256") != info["weights_sha256"]:
+        raise utils.UserError(
+            f"--load_features {args.load_features} holds features of {meta.get('checkpoint')} "
+            f"[{meta.get('checkpoint_key')}], not of --pretrained_weights {args.pretrained_weights} "
+            f"[{args.checkpoint_key}] (their weights differ): dump the features of this "
+            "checkpoint, or drop --pretrained_weights")
 
 
 # --------------------------------------------------------------------------- shared by eval_* scripts
@@ -452,6 +515,9 @@ def run_as_script(get_args_parser: Callable[[], argparse.ArgumentParser],
         main(parsed)
     except utils.UserError as e:
         utils.exit_with_error(utils.user_error_message(e))
+    finally:  # a run stopped by an error leaves the output folder free (also when run in-process)
+        for folder in list(_OUTPUT_LOCKS):
+            unlock_output_dir(folder)
 
 
 def print_table(header: list[str], rows: list[list]) -> None:
@@ -473,7 +539,9 @@ def add_feature_file_args(group: argparse._ArgumentGroup) -> None:
         {FEATURE_META}); every eval_*.py script reads them back with --load_features.""")
     group.add_argument("--load_features", default=None, type=str, help="""Skip the backbone
         and the images: read features saved by --dump_features (of any eval_*.py script)
-        from this folder.""")
+        from this folder. Each file is checked against the SHA-256 the dump recorded; with
+        --pretrained_weights also given, the dump must hold that checkpoint's features
+        (weights hash compared), else the run stops.""")
 
 
 def check_eval_args(args: argparse.Namespace, problems: list[str]) -> None:
@@ -485,20 +553,50 @@ def check_eval_args(args: argparse.Namespace, problems: list[str]) -> None:
         utils.check_writable_dir(args.dump_features, "--dump_features")
 
 
+# Output folders this process holds locked (an evaluation run in-process that stopped on an
+# error leaves its lock here; the next run into that folder takes it over).
+_OUTPUT_LOCKS: dict[Path, utils.FolderLock] = {}
+
+
+def lock_output_dir(output_dir: str | os.PathLike) -> None:
+    """Rank 0 locks ``--output_dir`` with the lock training takes (``utils.FolderLock``): an
+    evaluation never runs into a folder where a training or another evaluation is running.
+    Evaluations write their own files only (``*_results.json``, ``linear_log.txt``, heads),
+    never a training's ``log.txt`` or checkpoints, so a finished training's folder is fine."""
+    if utils.rank_from_env() != 0:
+        return
+    key = Path(output_dir).resolve()
+    if key in _OUTPUT_LOCKS:
+        _OUTPUT_LOCKS.pop(key).release()
+    lock = utils.FolderLock(output_dir)
+    lock.acquire()
+    _OUTPUT_LOCKS[key] = lock
+
+
+def unlock_output_dir(output_dir: str | os.PathLike) -> None:
+    lock = _OUTPUT_LOCKS.pop(Path(output_dir).resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
 def start_run(args: argparse.Namespace) -> tuple[utils.DistEnv, Path]:
-    """Worker cap and process group (torchrun or none), once the flags are checked."""
+    """Output folder locked (``lock_output_dir``), worker cap and process group (torchrun or
+    none), once the flags are checked."""
+    lock_output_dir(args.output_dir)
     args.num_workers = usable_workers(args.num_workers)
     env = utils.init_distributed(device=args.device)
     return env, Path(args.output_dir)
 
 
 def finish_run(results: dict | None, output_dir: Path, file_name: str) -> None:
-    """Write ``results`` (rank 0) as JSON, then wait for every rank and leave the group."""
+    """Write ``results`` (rank 0) as JSON, then wait for every rank, leave the group and
+    release the output folder."""
     if results is not None:
         utils.write_json(results, output_dir / file_name)
         print(f"results written to {output_dir / file_name}", flush=True)
     utils.barrier()
     utils.cleanup_distributed()
+    unlock_output_dir(output_dir)
 
 
 @dataclass
@@ -534,8 +632,8 @@ def train_val_features(args: argparse.Namespace, env: utils.DistEnv,
         classes = meta.get("classes")
         if check_labels is not None:
             check_labels(train_labels, val_labels, num_classes, classes)
-        backbone = {k: meta.get(k) for k in
-                    ("checkpoint", "checkpoint_key", "arch", "patch_size", "resize_size", "crop_size")}
+        check_dump_identity(meta, args)
+        backbone = {k: meta.get(k) for k in DUMP_IDENTITY}
         if env.is_main:
             print(f"features loaded from {args.load_features}")
         # Dumps hold normalised features already: used bit for bit, as computed.
@@ -549,6 +647,7 @@ def train_val_features(args: argparse.Namespace, env: utils.DistEnv,
     model, feature_dim, info = build_eval_backbone(
         args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
         args.crop_size, args.seed)
+    check_crop_size(info, args.crop_size)
     model.to(env.device)
     if env.is_main:
         print(f"backbone: {describe_backbone(info)}")
@@ -560,9 +659,8 @@ def train_val_features(args: argparse.Namespace, env: utils.DistEnv,
                                          progress_label="train features"), dim=1)
     val = F.normalize(extract_features(model, val_set, **extract,
                                        progress_label="val features"), dim=1)
-    backbone = {"checkpoint": info["path"], "checkpoint_key": info["checkpoint_key"],
-                "arch": info["arch"], "patch_size": info["patch_size"],
-                "resize_size": args.resize_size, "crop_size": args.crop_size}
+    backbone = {**backbone_identity(info), "resize_size": args.resize_size,
+                "crop_size": args.crop_size}
     if args.dump_features and env.is_main:
         dump_features(Path(args.dump_features), train, val, train_labels, val_labels,
                       {**backbone, "classes": train_set.classes})

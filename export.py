@@ -53,6 +53,8 @@ from vision_transformer import VIT_ARCHS
 
 FORMATS = ("file", "timm_folder")
 WEIGHTS_NAME = "model.safetensors"  # the name timm and the Hub look for first
+# Every file --format timm_folder writes: --force replaces these and nothing else.
+FOLDER_FILES = (WEIGHTS_NAME, "README.md", "config.json")
 DEFAULT_CROP_PCT = 0.875  # eval_knn.py / eval_linear.py defaults: resize 256, crop 224
 # Stored args that describe one process of the launch, not the training recipe.
 _LAUNCH_ONLY_ARGS = ("local_rank",)
@@ -232,6 +234,15 @@ def read_results(path: str, kind: str, info: dict) -> dict:
         if results.get(key) is not None and results[key] != info[key]:
             raise UserError(f"{flag}: {path} evaluated {key} {results[key]}, but the export is "
                             f"{key} {info[key]}")
+    # The weights' hash, not the file name: the same weights read from a training checkpoint
+    # or an export match; another checkpoint of the same architecture does not.
+    if "weights_sha256" not in results:
+        raise UserError(f"{flag}: {path} does not record which weights it evaluated (written by "
+                        "an older version): evaluate this checkpoint again")
+    if results["weights_sha256"] != info["weights_sha256"]:
+        raise UserError(f"{flag}: {path} holds results of other weights ({results.get('checkpoint')}"
+                        f"), not of --checkpoint {info['path']} [{info['checkpoint_key']}]: "
+                        "evaluate this checkpoint and pass its results")
     return results
 
 
@@ -379,7 +390,8 @@ def _check_folder_destination(out: Path, force: bool, checkpoint: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UserError(f"--out {out} exists and is not empty: name a new folder, or pass "
-                            "--force to replace it")
+                            f"--force to replace the files export.py writes "
+                            f"({', '.join(FOLDER_FILES)}; nothing else in it is touched)")
         if not (out / "config.json").is_file():
             raise UserError(f"--out {out} is not a model folder (no config.json): --force only "
                             "replaces a folder export.py wrote")
@@ -395,9 +407,11 @@ def _check_folder_destination(out: Path, force: bool, checkpoint: Path) -> None:
 
 def write_folder(out: Path, texts: dict[str, str], state_dict: dict[str, torch.Tensor],
                  metadata: dict[str, str]) -> None:
-    """Write the folder next to ``out`` and rename it into place: ``out`` is never half
-    written. An existing ``out`` (checked by ``_check_folder_destination``) is replaced,
-    except an empty one, which is kept (a shell may sit in it) and filled."""
+    """Write the folder next to ``out`` and move it into place: a new ``out`` is renamed in
+    whole, never half written. Into an existing ``out`` (empty, or an export replaced with
+    --force, see ``_check_folder_destination``) only the files export.py writes are moved, one
+    atomic rename each, config.json last (without it the folder is not taken for a finished
+    export); every other file there (the user's notes, a .git folder) stays."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -407,15 +421,11 @@ def write_folder(out: Path, texts: dict[str, str], state_dict: dict[str, torch.T
         respect_umask(tmp, 0o777)
         if not out.exists():
             os.replace(tmp, out)
-        elif not any(out.iterdir()):
-            # config.json last: without it the folder is not taken for a finished export
+        else:
+            if (out / "config.json").exists():
+                os.unlink(out / "config.json")  # first: a half-replaced folder is no export
             for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):
                 os.replace(tmp / name, out / name)
-        else:
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old)  # onto the empty folder mkdtemp made
-            os.replace(tmp, out)
-            shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -458,6 +468,9 @@ def export(checkpoint: str, out: str, checkpoint_key: str = "teacher", fmt: str 
         if out_path.is_dir():
             raise UserError(f"--out {out} is a folder: name a file, or pass --format "
                             "timm_folder to write a timm model folder")
+        if out_path.exists() and not (folder and folder.force):
+            raise UserError(f"--out {out} exists: name a new file, or pass --force to "
+                            "overwrite it")
     else:
         out_path = Path(os.path.abspath(out))  # "." or "dir/" get a name for the card
         folder = folder or FolderOptions()
@@ -501,9 +514,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("timm_folder only")
     group.add_argument("--knn_results", metavar="JSON",
                        help="knn_results.json written by eval_knn.py on this checkpoint: its "
-                            "accuracies go into the model card.")
+                            "accuracies go into the model card. Results of other weights are "
+                            "refused (the results record the weights' SHA-256).")
     group.add_argument("--linear_results", metavar="JSON",
-                       help="linear_results.json written by eval_linear.py on this checkpoint.")
+                       help="linear_results.json written by eval_linear.py on this checkpoint "
+                            "(checked like --knn_results).")
     group.add_argument("--crop_pct", type=float, default=DEFAULT_CROP_PCT,
                        help="Evaluation crop / resize ratio in pretrained_cfg: images are resized "
                             "to input_size / crop_pct, then centre-cropped (default 0.875: 256 "
@@ -512,8 +527,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="Hub licence id for the card and config (e.g. apache-2.0, "
                             "cc-by-nc-4.0). Default: none stated; choose what your training "
                             "data allows.")
-    group.add_argument("--force", action="store_true",
-                       help="Replace an existing, non-empty --out folder that export.py wrote.")
+    parser.add_argument("--force", action="store_true",
+                        help="--format file: overwrite an existing --out file. --format "
+                             f"timm_folder: replace the files export.py writes ({', '.join(FOLDER_FILES)}) "
+                             "in an existing --out folder it wrote; other files there are kept.")
     return parser
 
 
@@ -522,8 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     folder_only = [flag for flag, value in (
         ("--knn_results", args.knn_results), ("--linear_results", args.linear_results),
-        ("--crop_pct", args.crop_pct != DEFAULT_CROP_PCT), ("--license", args.license),
-        ("--force", args.force)) if value]
+        ("--crop_pct", args.crop_pct != DEFAULT_CROP_PCT), ("--license", args.license)) if value]
     if args.format == "file" and folder_only:
         exit_with_error(f"{', '.join(folder_only)} only apply to --format timm_folder")
     folder = FolderOptions(args.crop_pct, args.license, args.knn_results, args.linear_results,

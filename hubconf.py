@@ -10,22 +10,28 @@
 timm_folder``: ``config.json`` + ``model.safetensors``) or an ``http(s)://`` (or ``file://``)
 URL of a file.
 Nothing is downloaded unless you pass a URL; a URL's file is cached in
-``torch.hub.get_dir()/checkpoints`` as ``torch.hub.load_state_dict_from_url`` does, then read
-by the same strict loader as a local file. Weights load strictly: a checkpoint of another
-architecture raises an error that lists the mismatched keys, never a half-random model.
+``torch.hub.get_dir()/checkpoints/massl-<sha256 of the URL, 16 hex>/<file name>`` (keyed by
+the whole URL: two URLs with the same file name never share an entry), then read by the same
+strict loader as a local file. torch.hub's integrity convention holds: a file named
+``<name>-<8+ hex digits>.<ext>`` must have a SHA-256 starting with those digits, checked on
+download (``check_hash=True`` makes such a name compulsory). Weights load strictly: a
+checkpoint of another architecture raises an error that lists the mismatched keys, never a half-random model.
 With ``pretrained=None`` the backbone is randomly initialised.
 
 Keyword options of every entry point: ``checkpoint_key`` (``"teacher"``, the default, or
 ``"student"``), ``img_size`` (position-embedding grid; default: the checkpoint's, else 224;
 any input size works at run time), ``drop_path_rate`` (for fine-tuning; default 0),
-``progress`` (download progress bar for URLs).
+``progress`` (download progress bar for URLs), ``check_hash`` (URLs: require and check
+the SHA-256 prefix in the file name).
 """
 from __future__ import annotations
 
 # Module imports only: every public callable here would be listed as a hub entry point.
 import contextlib
+import hashlib
 import os
 import pathlib
+import re
 import sys
 import typing
 import urllib.parse
@@ -67,15 +73,43 @@ def _repo_modules() -> typing.Iterator[None]:
                 sys.modules[name] = module
 
 
-def _local_copy(url: str, progress: bool) -> str:
-    """Download ``url`` once into torch.hub's checkpoint cache; returns the cached path."""
-    cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
+def _local_copy(url: str, progress: bool, check_hash: bool) -> str:
+    """Download ``url`` once into torch.hub's checkpoint cache; returns the cached path.
+
+    The cache path holds a digest of the whole URL (``checkpoints/massl-<sha256(url)[:16]>/
+    <file name>``), so two URLs whose files share a name never share a cache entry. As in
+    torch.hub, a file named ``<name>-<hex>.<ext>`` (at least 8 hex digits) is checked on
+    download: its SHA-256 must start with ``<hex>``. ``check_hash=True`` makes that prefix
+    compulsory."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise ValueError(f"pretrained={url!r} ends in '/': give the URL of the weights file "
+                         "itself (e.g. .../checkpoint.pth), not of a folder")
+    hash_prefix = _hash_prefix(name)
+    if check_hash and hash_prefix is None:
+        raise ValueError(f"check_hash=True but {name!r} carries no SHA-256 prefix: name the file "
+                         "<name>-<first 8+ hex digits of its sha256>.<ext> (torch.hub's convention)")
+    url_digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints", f"massl-{url_digest}")
     os.makedirs(cache_dir, exist_ok=True)
-    cached = os.path.join(cache_dir, os.path.basename(urllib.parse.urlparse(url).path))
+    cached = os.path.join(cache_dir, name)
     if not os.path.exists(cached):
         print(f'Downloading "{url}" to {cached}', file=sys.stderr)
-        torch.hub.download_url_to_file(url, cached, progress=progress)
+        try:
+            torch.hub.download_url_to_file(url, cached, hash_prefix=hash_prefix, progress=progress)
+        except RuntimeError as e:
+            if "invalid hash value" not in str(e):
+                raise
+            raise ValueError(f"{url}: the download's SHA-256 does not start with {hash_prefix}, "
+                             "as its file name promises; nothing was cached (a corrupt or "
+                             "replaced file?)") from None
     return cached
+
+
+def _hash_prefix(file_name: str) -> str | None:
+    """torch.hub's ``check_hash`` convention: the hex digits after the last '-' of the stem."""
+    found = re.search(r"-([a-f0-9]{8,64})\.", file_name)
+    return found.group(1) if found else None
 
 
 def _folder_weights(folder: str) -> str:
@@ -91,7 +125,8 @@ def _folder_weights(folder: str) -> str:
 
 def _massl_vit(arch: str, patch_size: int, pretrained: str | os.PathLike | None = None, *,
                checkpoint_key: str = "teacher", img_size: int | None = None,
-               drop_path_rate: float = 0.0, progress: bool = True) -> torch.nn.Module:
+               drop_path_rate: float = 0.0, progress: bool = True,
+               check_hash: bool = False) -> torch.nn.Module:
     if pretrained is True:
         raise ValueError("pretrained=True: MaSSL publishes no default weights here; pass the path "
                          "or URL of a checkpoint (or export.py output)")
@@ -105,7 +140,7 @@ def _massl_vit(arch: str, patch_size: int, pretrained: str | os.PathLike | None 
             return model
         path = str(pretrained)
         if urllib.parse.urlparse(path).scheme in ("http", "https", "file"):
-            path = _local_copy(path, progress)
+            path = _local_copy(path, progress, check_hash)
         elif os.path.isdir(path):
             path = _folder_weights(path)
         model, _, info = utils.build_backbone_from_checkpoint(

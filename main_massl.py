@@ -23,12 +23,14 @@ import datetime
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
 
 import utils
 from data import (PretrainDataset, TrainingData, build_pretrain_dataset, build_pretrain_transform,
@@ -263,6 +265,14 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         need(getattr(args, name) > 0, f"--{name} must be positive")
     need(args.warmup_teacher_temp_epochs >= 0, "--warmup_teacher_temp_epochs must be >= 0")
     need(args.warmup_epochs >= 0, "--warmup_epochs must be >= 0")
+    need(args.warmup_epochs <= args.epochs,
+         f"--warmup_epochs {args.warmup_epochs} is more than --epochs {args.epochs}: the learning "
+         "rate would never reach --lr; use fewer warm-up epochs")
+    for name in ("weight_decay", "weight_decay_end"):
+        need(not getattr(args, name) < 0,  # nan is left to the finite-number check below
+             f"--{name} must be >= 0, got {getattr(args, name)}")
+    problem = utils.seed_problem(args.seed)
+    need(problem is None, problem or "")
     need(0 <= args.momentum_teacher <= 1, "--momentum_teacher must be in [0, 1]")
     need(math.isfinite(args.lr) and args.lr >= 0, "--lr must be a finite number >= 0")
     need(args.min_lr >= 0, "--min_lr must be >= 0")
@@ -286,6 +296,40 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
                   if isinstance(value, float) and not math.isfinite(value)]
     need(not bad_floats, f"{', '.join(bad_floats)}: must be a finite number")
     utils.check_device(args.device)
+    check_memory_need(args)
+
+
+def memory_need_bytes(args: argparse.Namespace) -> int:
+    """A lower bound of the bytes the memory and its per-step logits take on one process: the
+    bank (out_dim x bottleneck_dim fp32) and, for every crop of the batch, a row of out_dim
+    logits with its softmax and gradient (3 copies)."""
+    crops = 2 + args.local_crops_number
+    return 4 * args.out_dim * (args.bottleneck_dim + 3 * args.batch_size_per_gpu * crops)
+
+
+def device_memory_bytes(device: str | None) -> int | None:
+    """Total memory of the device a run will use (GPU memory, else RAM); None if unknown."""
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None
+        local_rank = int(os.environ.get("LOCAL_RANK") or 0) % max(torch.cuda.device_count(), 1)
+        return torch.cuda.get_device_properties(local_rank).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory_need(args: argparse.Namespace) -> None:
+    """Refuse a memory size that cannot fit, before anything is allocated (an allocator
+    traceback asking for terabytes tells the user less)."""
+    need, have = memory_need_bytes(args), device_memory_bytes(args.device)
+    if have is not None and need > have:
+        raise utils.UserError(
+            f"--out_dim {args.out_dim} needs at least {need / 2 ** 30:.1f} GiB for the memory and "
+            f"its logits (bottleneck {args.bottleneck_dim}, batch {args.batch_size_per_gpu} x "
+            f"{2 + args.local_crops_number} crops), more than the {have / 2 ** 30:.1f} GiB of the "
+            "device: use a smaller --out_dim (the paper: 65536)")
 
 
 # --------------------------------------------------------------------------- training
@@ -296,10 +340,11 @@ def format_seconds(seconds: float) -> str:
 
 
 def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str:
-    """Pretrain MaSSL as ``args`` say; returns ``"finished"`` or ``"preempted"`` (after saving).
+    """Pretrain MaSSL as ``args`` say; returns ``"finished"``, ``"preempted"`` (SIGTERM/SIGUSR1)
+    or ``"interrupted"`` (Ctrl-C), the last two after saving.
 
     Raises ``utils.UserError`` for bad input and ``NonFiniteLossError`` when the loss
-    diverges. Installs SIGTERM/SIGUSR1 handlers (unless told not to) and restores the
+    diverges. Installs SIGTERM/SIGUSR1/SIGINT handlers (unless told not to) and restores the
     previous ones on return. Initialises and tears down ``torch.distributed`` when a
     launcher asks for several processes.
     """
@@ -446,8 +491,7 @@ class RunLog:
                     self.writer.add_scalar(f"knn/{key[len('knn_'):]}", value, entry["epoch"])
             self.writer.flush()
         if self.is_main:
-            with open(self.output_dir / "log.txt", "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            utils.append_line(self.output_dir / "log.txt", json.dumps(entry))
 
 
 def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDataset,
@@ -489,7 +533,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
                          if stopped < steps_per_epoch else f"the end of epoch {epoch + 1}")
                 log(f"stop signal ({stop.signal_name or 'on another rank'}): saved "
                     f"{output_dir / 'checkpoint.pth'} at {where}")
-                return "preempted"
+                return "interrupted" if stop.signal_name == "SIGINT" else "preempted"
     finally:
         shutdown_loader_workers(data.loader)
         log.close()
@@ -776,6 +820,16 @@ def main(argv: list[str] | None = None) -> None:
         utils.exit_with_error(utils.user_error_message(e))
     except NonFiniteLossError as e:
         utils.exit_with_error(str(e), code=1)
+    except Exception as e:  # noqa: BLE001 - reworded only when a peer was lost
+        message = utils.lost_peer_message(e, args.output_dir)
+        if message is None:
+            raise
+        utils.exit_with_error(message, code=1)
+    if outcome == "interrupted":
+        if utils.rank_from_env() == 0:
+            print(f"interrupted (Ctrl-C): state saved in {Path(args.output_dir) / 'checkpoint.pth'}"
+                  "; run the same command again to resume", file=sys.stderr, flush=True)
+        sys.exit(130)  # the shell's code for Ctrl-C: `main_massl.py && next` does not go on
     if outcome == "preempted" and utils.rank_from_env() == 0:
         print(f"preempted: state saved in {Path(args.output_dir) / 'checkpoint.pth'}; run the "
               "same command again to resume", flush=True)

@@ -558,6 +558,8 @@ def quickstart(args: argparse.Namespace, start: float | None = None) -> dict[str
         plan, calibration = make_plan(args, preset, train_options, data_dir, device,
                                       n_train + n_val, run_dir, start, log_file)
         train_options["epochs"] = plan.epochs
+        # main_massl refuses a warm-up longer than the run: a short plan warms up for all of it
+        train_options["warmup_epochs"] = min(train_options["warmup_epochs"], plan.epochs)
         evals_s = calibration.eval_s(n_train + n_val) * 2 if calibration else 0.0
         say(f"[3/5] MaSSL pretraining: {arch} (patch {patch}), {n_epochs(plan.epochs)} on "
             f"{device}, preset '{preset_name}'", log_file)

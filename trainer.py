@@ -416,6 +416,16 @@ class MaSSLTrainer:
         reseeded and the run no longer replays exactly. ``global_step`` is left to the
         caller, which knows where in the epoch the run resumes.
         """
+        # AdamW groups have 'betas', SGD groups 'momentum': loading one into the other would
+        # fail at the first step (KeyError 'momentum'). Other keys may differ across torch
+        # versions, which load_state_dict handles.
+        saved_groups = (ckpt.get("optimizer") or {}).get("param_groups") or [{}]
+        if ("betas" in saved_groups[0]) != ("betas" in self.optimizer.defaults):
+            saved = "adamw" if "betas" in saved_groups[0] else "sgd"
+            raise utils.UserError(
+                f"{source} holds the state of --optimizer {saved}, not of --optimizer "
+                f"{self.args.optimizer}: resume with --optimizer {saved}, or start a new run in "
+                "another --output_dir")
         try:
             self.student.load_state_dict(strip_module_prefix(ckpt["student"]))
             self.teacher.load_state_dict(strip_module_prefix(ckpt["teacher"]))

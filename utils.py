@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import errno
+import hashlib
 import json
 import math
 import os
@@ -250,19 +251,22 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 class StopRequest:
-    """SIGTERM/SIGUSR1 (cluster preemption) handlers that only record the request; the
-    training loop finishes its step, saves and returns. ``restore()`` puts the previous
-    handlers back."""
+    """SIGTERM/SIGUSR1 (cluster preemption) and SIGINT (Ctrl-C) handlers that only record the
+    request; the training loop finishes its step, saves and returns. A second Ctrl-C stops at
+    once (``SystemExit`` 130: ``finally`` blocks still run, the last saved checkpoint is kept).
+    ``restore()`` puts the previous handlers back."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def install(self) -> bool:
         if threading.current_thread() is not threading.main_thread():
             return False  # Python only delivers signals to the main thread
+        self._pid = os.getpid()
         for name in self.SIGNALS:
             if hasattr(signal, name):
                 sig = getattr(signal, name)
@@ -270,12 +274,43 @@ class StopRequest:
         return True
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
+        if os.getpid() != self._pid:
+            return  # a forked data worker: its parent decides (Ctrl-C reaches the whole group)
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.signal_name == "SIGINT":
+            print("\nsecond Ctrl-C: stopping now; the last saved checkpoint is kept",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        if name == "SIGINT" and self.signal_name is None:
+            print("\nCtrl-C: finishing this step and saving (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+        self.signal_name = self.signal_name or name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+# Words of the errors gloo and NCCL raise on a surviving rank when a peer died or stalled.
+_LOST_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                    "timed out", "timeout", "nccl", "gloo", "socket")
+
+
+def lost_peer_message(exc: BaseException, output_dir: str | os.PathLike) -> str | None:
+    """One line for a collective that failed because another process of the job died or
+    stalled (None when ``exc`` is something else, or there is no job of several processes)."""
+    if world_size_from_env() <= 1:
+        return None
+    dist_error = getattr(dist, "DistError", ())
+    text = " ".join(str(e) for e in _exception_chain(exc)).lower()
+    if not (isinstance(exc, dist_error) or
+            (isinstance(exc, RuntimeError) and any(w in text for w in _LOST_PEER_WORDS))):
+        return None
+    return (f"rank {rank_from_env()} of {world_size_from_env()}: lost contact with the other "
+            f"processes ({_first_line(exc)[:160]}): another rank died or stalled (the launcher's "
+            f"report names it). The last checkpoint in {output_dir} is intact: run the same "
+            "command again to resume")
 
 
 # --------------------------------------------------------------------------- randomness
@@ -342,7 +377,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         respect_umask(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - any writer's error; only space problems are reworded
+        if isinstance(e, UserError):
+            raise
         failure = _write_failure(e, path)
         if failure is None:
             raise
@@ -378,9 +415,10 @@ def _write_failure(exc: BaseException, path: Path) -> UserError | None:
     """A ``UserError`` for a write to ``path`` that failed for lack of space, else None."""
     chain = _exception_chain(exc)
     codes = {e.errno for e in chain if isinstance(e, OSError)}
-    if errno.ENOSPC in codes:
+    texts = " ".join(str(e) for e in chain)  # writers in other languages (safetensors' Rust)
+    if errno.ENOSPC in codes or "No space left on device" in texts:
         reason = "no space left on device"
-    elif errno.EDQUOT in codes:
+    elif errno.EDQUOT in codes or "Disk quota exceeded" in texts:
         reason = "disk quota exceeded"
     elif any(isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES)
              for e in chain):
@@ -404,6 +442,30 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     """Write JSON atomically, so a reader never sees half a file."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` and a newline to a log file; a full disk, a quota or a read-only file is
+    a ``UserError`` naming the file (what was written before stays as it was)."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        failure = _write_failure(e, path)
+        reason = str(failure).split(" while ")[0] if failure else (e.strerror or str(e))
+        raise UserError(f"{reason} while appending to {path}: free space (or fix the folder's "
+                        "permissions) and run the same command again") from e
+
+
+# numpy's seed range: --seed must fit it.
+MAX_SEED = 2 ** 32 - 1
+
+
+def seed_problem(seed: int) -> str | None:
+    if not 0 <= seed <= MAX_SEED:
+        return f"--seed must be in 0..{MAX_SEED}, got {seed}"
+    return None
 
 
 def check_writable_dir(path: str | os.PathLike, flag: str = "--output_dir") -> None:
@@ -542,7 +604,12 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 def load_rgb_image(path: str) -> Image.Image:
     """Open an image as 8-bit RGB (high bit depths scaled, see ``to_8bit``); raise
-    ``BadImageError`` naming the file if it is unreadable."""
+    ``BadImageError`` naming the file if it is unreadable.
+
+    Pixels are taken as stored: an EXIF orientation tag (phone photos) is not applied, as in
+    DINO's and torchvision's ImageNet pipelines, so our numbers stay comparable with theirs.
+    Training and every evaluation read images through here, so they agree. For photos that
+    should be upright, rotate them once beforehand (e.g. ``PIL.ImageOps.exif_transpose``)."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
@@ -672,9 +739,9 @@ def read_checkpoint_backbone(path: str | os.PathLike, checkpoint_key: str = "tea
     Raises ``UserError`` for a missing or unreadable file or a missing ``checkpoint_key``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such file: {path} (--pretrained_weights must be a local file; "
-                        "nothing is downloaded)")
+    problem = pretrained_path_problem(path)
+    if problem is not None:
+        raise UserError(problem)
     args = None
     if path.suffix == ".safetensors":
         try:
@@ -719,6 +786,37 @@ def read_checkpoint_backbone(path: str | os.PathLike, checkpoint_key: str = "tea
     if not backbone:
         raise UserError(f"{path} ('{checkpoint_key}') holds no backbone weights")
     return backbone, args
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes: the identity of a set of
+    weights, whichever file (training checkpoint, export) they were read from."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pretrained_path_problem(path: str | os.PathLike) -> str | None:
+    """Why ``--pretrained_weights path`` cannot be read as a file, or None."""
+    path = Path(path)
+    if path.is_dir():
+        return (f"--pretrained_weights {path} is a folder, not a weights file: name the file in "
+                "it (e.g. checkpoint.pth, or model.safetensors of an export.py folder)")
+    if not path.is_file():
+        return (f"no such file: {path} (--pretrained_weights must be a local file; nothing is "
+                "downloaded)")
+    return None
 
 
 def _listed(keys: list[str]) -> str:
@@ -839,7 +937,7 @@ def build_backbone_from_checkpoint(path: str | os.PathLike, arch: str | None = N
         raise
     info = {"path": str(path), "checkpoint_key": checkpoint_key, "arch": arch,
             "patch_size": patch_size, "img_size": img_size, "feature_dim": feature_dim,
-            "args": args, "notes": notes}
+            "weights_sha256": state_dict_sha256(model.state_dict()), "args": args, "notes": notes}
     return model, feature_dim, info
 
 

@@ -34,8 +34,8 @@ from PIL import Image
 from torchvision import transforms
 
 import utils
-from utils import (UserError, build_backbone_from_checkpoint, exit_with_error, load_rgb_image,
-                   user_error_message)
+from utils import (UserError, build_backbone_from_checkpoint, check_writable_dir, exit_with_error,
+                   load_rgb_image, user_error_message)
 from vision_transformer import UnknownArchError, build_backbone
 
 # Fallback colour ramp (black -> purple -> orange -> pale yellow, like "inferno") for when
@@ -225,9 +225,12 @@ def main(argv: list[str] | None = None) -> None:
         img = preprocess(image, args.image_size, patch_size).to(device)
         attentions = cls_attention(model, img, patch_size)
         masks = mass_threshold_masks(attentions, args.threshold)
+        check_writable_dir(args.output_dir)  # once the input is known good: no folder otherwise
         written = render(img, attentions, masks, patch_size, Path(args.output_dir))
     except UserError as e:
         exit_with_error(user_error_message(e))
+    except OSError as e:  # the folder became unwritable or full while the PNGs were written
+        exit_with_error(f"cannot write to --output_dir {args.output_dir}: {e.strerror or e}")
     print(f"model: {description}")
     print(f"image {args.image_path} at {img.shape[-1]}x{img.shape[-2]} px (W x H), "
           f"{attentions.shape[0]} heads, {attentions.shape[2]}x{attentions.shape[1]} patches")

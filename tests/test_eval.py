@@ -483,7 +483,7 @@ def test_linear_script_trains_saves_resumes_and_evaluates(repo_root, fmnist_fold
     assert last["epoch"] == 2 and last["head"]["linear.weight"].shape == (10, 384)
     assert isinstance(last["args"], dict) and last["settings"]["n_last_blocks"] == 2
     assert best["best_top1"] == res["best_top1"]
-    assert len((out / "log.txt").read_text().splitlines()) == 2
+    assert len((out / "linear_log.txt").read_text().splitlines()) == 2
 
     # Same settings again: resumes after epoch 2, trains nothing more, reports the same head.
     code, stdout, err = run_in_process(repo_root, "eval_linear.py", *common, "--epochs", "2",

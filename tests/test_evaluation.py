@@ -1,10 +1,119 @@
-"""evaluation.Progress: the progress line of feature extraction and linear-probe epochs."""
-from __future__ import annotations
+"""evaluation.py: feature dumps say what made them (--load_features refuses a dump of other
+weights, files replaced or mixed from another dump, and inconsistent shapes, with one line), and
+the progress line of feature extraction and linear-probe epochs (``Progress``)."""
+import json
+import shutil
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 import evaluation
+import utils
+import vision_transformer as vits
+from test_eval import assert_clean_exit, run_in_process
+
+PICO = ["--resize_size", "28", "--crop_size", "28", "--num_workers", "0", "--batch_size_per_gpu", "100"]
+
+
+def pico_weights(path, seed):
+    torch.manual_seed(seed)
+    model, _ = vits.build_backbone("vit_pico", 7, img_size=28)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory, repo_root, fmnist_folder):
+    root = tmp_path_factory.mktemp("dumps")
+    out = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        weights = pico_weights(root / f"{name}.pth", seed)
+        code, _, err = run_in_process(repo_root, "eval_knn.py", "--data_path", fmnist_folder,
+                                      "--pretrained_weights", weights, *PICO, "--nb_knn", "5",
+                                      "--output_dir", root / f"knn_{name}", "--dump_features",
+                                      root / f"dump_{name}")
+        assert code == 0, err
+        out[name] = (weights, root / f"dump_{name}")
+    return out
+
+
+def test_a_dump_records_what_made_it(dumps):
+    weights, folder = dumps["a"]
+    meta = json.loads((folder / evaluation.FEATURE_META).read_text())
+    info = utils.build_backbone_from_checkpoint(weights)[2]
+    assert meta["weights_sha256"] == info["weights_sha256"]
+    assert (meta["arch"], meta["patch_size"], meta["feature_dim"]) == ("vit_pico", 7, info["feature_dim"])
+    assert (meta["resize_size"], meta["crop_size"], meta["num_train"], meta["num_val"]) == (28, 28, 300, 100)
+    assert meta["files_sha256"]["trainfeat.pth"] == utils.file_sha256(folder / "trainfeat.pth")
+
+
+@pytest.mark.parametrize("script", ["eval_knn.py", "eval_lowshot.py", "eval_cluster.py",
+                                    "eval_retrieval.py"])
+def test_a_dump_of_other_weights_is_refused(dumps, repo_root, tmp_path, script):
+    _, folder_a = dumps["a"]
+    weights_b, _ = dumps["b"]
+    assert_clean_exit(run_in_process(repo_root, script, "--load_features", folder_a,
+                                     "--pretrained_weights", weights_b, "--output_dir", tmp_path),
+                      "holds features of", "not of --pretrained_weights")
+
+
+def test_a_dump_of_the_same_weights_is_used(dumps, repo_root, tmp_path):
+    weights_a, folder_a = dumps["a"]
+    code, _, err = run_in_process(repo_root, "eval_knn.py", "--load_features", folder_a,
+                                  "--pretrained_weights", weights_a, "--nb_knn", "5",
+                                  "--output_dir", tmp_path)
+    assert code == 0, err
+    loaded = json.loads((tmp_path / "knn_results.json").read_text())
+    direct = json.loads((folder_a.parent / "knn_a" / "knn_results.json").read_text())
+    assert loaded["k=5"] == direct["k=5"] and loaded["weights_sha256"] == direct["weights_sha256"]
+
+
+def test_a_dump_mixing_two_dumps_is_refused(dumps, repo_root, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(dumps["a"][1], mixed)
+    shutil.copy(dumps["b"][1] / "valfeat.pth", mixed / "valfeat.pth")  # same sizes, other weights
+    for script in ("eval_knn.py", "eval_lowshot.py"):
+        assert_clean_exit(run_in_process(repo_root, script, "--load_features", mixed,
+                                         "--output_dir", tmp_path / "o"),
+                          "valfeat.pth are not the files", "--dump_features")
+
+
+def test_inconsistent_feature_sizes_are_one_line(tmp_path, repo_root):
+    evaluation.dump_features(tmp_path / "d", torch.zeros(6, 8), torch.zeros(4, 16),
+                             torch.zeros(6, dtype=torch.long), torch.zeros(4, dtype=torch.long), {})
+    for script in ("eval_knn.py", "eval_lowshot.py", "eval_cluster.py", "eval_retrieval.py"):
+        assert_clean_exit(run_in_process(repo_root, script, "--load_features", tmp_path / "d",
+                                         "--output_dir", tmp_path / "o"),
+                          "inconsistent shapes")
+
+
+def test_an_exif_rotated_photo_is_read_as_stored_everywhere(fmnist_folder, tmp_path):
+    """The documented choice (utils.load_rgb_image): EXIF orientation is not applied, as in
+    DINO's ImageNet pipeline; training (data.py) and evaluation (ImageFolder) agree."""
+    from PIL import Image
+
+    import data
+
+    stored = Image.new("RGB", (40, 20), (200, 30, 30))
+    stored.paste((30, 30, 200), (0, 0, 10, 20))  # a blue left edge: any rotation moves it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    root = tmp_path / "photos"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        stored.save(root / split / "a" / "p.jpg", exif=exif, quality=100)
+    assert Image.open(root / "train" / "a" / "p.jpg").getexif()[0x0112] == 6
+    loaded = utils.load_rgb_image(str(root / "train" / "a" / "p.jpg"))
+    assert loaded.size == (40, 20)  # not (20, 40): not rotated
+    assert loaded.getpixel((2, 10))[2] > 150 and loaded.getpixel((35, 10))[0] > 150
+    train, _ = evaluation.build_train_val(str(root), lambda img: img, lambda img: img)
+    assert train[0][0].size == (40, 20)
+    pretrain = data.build_pretrain_dataset(str(root / "train"), None)
+    assert pretrain.load(0)[0].size == (40, 20)
+
+
+# --------------------------------------------------------------------------- progress
 
 
 class FakeClock:

@@ -223,6 +223,8 @@ def test_model_card_has_the_training_command_epochs_results_and_citation(pico_ru
     linear = {"top1": 55.125, "top5": 93.0, "best_top1": 56.0, "epoch": 10, "num_train": 300,
               "num_val": 100, "num_classes": 10, "top5_is_top": 5, "protocol": "cached features",
               "checkpoint": str(pico_run), "checkpoint_key": "teacher", "arch": "vit_pico"}
+    knn["weights_sha256"] = linear["weights_sha256"] = \
+        utils.build_backbone_from_checkpoint(pico_run)[2]["weights_sha256"]
     (tmp_path / "knn_results.json").write_text(json.dumps(knn))
     (tmp_path / "linear_results.json").write_text(json.dumps(linear))
     out = tmp_path / "massl-vit-pico"
@@ -326,7 +328,8 @@ def test_an_existing_folder_is_kept_unless_forced(pico_run, pico_folder, tmp_pat
     (out / "config.json").write_text("{}")  # a stale export
     run_export([*argv, "--force"], capsys)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json",
-                                                     "model.safetensors"]
+                                                     "model.safetensors", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"  # not written by export.py: kept
     assert (out / "config.json").read_bytes() == (pico_folder / "config.json").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
 
@@ -433,7 +436,7 @@ def test_bad_folder_options_are_one_line(pico_run, tmp_path, capsys, argv, messa
 def test_folder_options_need_the_folder_format(pico_run, tmp_path, capsys):
     err = one_line_error(["--checkpoint", pico_run, "--out", tmp_path / "x.pth",
                           "--license", "mit", "--force"], capsys)
-    assert "--license, --force only apply to --format timm_folder" in err
+    assert "--license only apply to --format timm_folder" in err  # --force applies to both
 
 
 def test_exports_respect_the_umask(pico_run, tmp_path, capsys):
