@@ -223,3 +223,47 @@ def test_checkpoint_in_the_pre_trainer_layout_resumes_exactly(fmnist_folder, tmp
     assert [e["epoch"] for e in logs[1]] == [2]
     for key in ("train_loss", "train_massl", "train_lr", "train_teacher_temp"):
         assert logs[1][-1][key] == pytest.approx(logs[0][-1][key], rel=1e-6), key
+
+
+# --------------------------------------------------------------------------- the lean step
+
+
+def test_clip_gradients_equals_the_per_tensor_loop():
+    """The foreach clipping against DINO's loop as this project wrote it before (literal)."""
+    from trainer import clip_gradients
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (1,), (6, 6)]
+    scales = [0.01, 10.0, 1.0, 100.0, 0.5]  # some tensors below max_norm, some above
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p, scale in zip(params, scales):
+        p.grad = torch.randn(p.shape, generator=g) * scale
+    expected = [p.grad.clone() for p in params]
+    n_clipped = 0
+    for grad in expected:  # the old implementation, literally
+        norm = torch._foreach_norm([grad])[0]
+        n_clipped += int(3.0 / (norm + 1e-6) < 1)
+        grad.mul_(torch.clamp(3.0 / (norm + 1e-6), max=1.0))
+    assert 0 < n_clipped < len(params)
+    stats = clip_gradients(params, 3.0, stats=True)
+    for p, e in zip(params, expected):
+        assert torch.equal(p.grad, e)
+        assert p.grad.norm() <= 3.0 + 1e-5  # DINO's bound, per tensor
+    assert stats[1] == n_clipped
+
+
+def test_nonfinite_loss_raises_after_its_step_naming_it():
+    trainer = make_trainer()
+    real = trainer.criterion.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    trainer.criterion.forward = poisoned
+    trainer.train_step([crops(0)])
+    with pytest.raises(main_massl.NonFiniteLossError,
+                       match=r"global step 2\): loss=nan, massl=nan; the last good checkpoint"):
+        trainer.train_step([crops(1)])
+    assert trainer.global_step == 1  # the step that failed is not counted as done
