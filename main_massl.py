@@ -43,6 +43,11 @@ from vision_transformer import VIT_ARCHS, UnknownArchError, check_arch
 # --------------------------------------------------------------------------- command line
 
 
+# --compile's default. Off until measured on a GPU: when benchmarks/gpu_check.sh shows the
+# compiled step faster (after its start-up pause), set True here (CPU runs pass false).
+COMPILE_DEFAULT = False
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """All training flags. ``add_help=False`` so launchers can use it as a parent parser
     (``argparse.ArgumentParser(parents=[get_args_parser()])``), as DINO's scripts do."""
@@ -79,9 +84,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--momentum_teacher", default=0.992, type=float, help=(
         "Base EMA momentum of the teacher, raised to 1 over training with a cosine schedule. "
         "Higher values suit smaller batches. Reference runs: 0.992 (ViT-S), 0.996 (ViT-B)."))
-    group.add_argument("--compile", default=False, type=utils.bool_flag, help=(
+    group.add_argument("--compile", default=COMPILE_DEFAULT, type=utils.bool_flag, help=(
         "torch.compile the student and teacher backbones (faster steps on GPU after a "
-        "compilation pause at start-up). Default false."))
+        "compilation pause at start-up; on CPU the two crop sizes compile 3 graphs in the "
+        "first step, never again). Default false until a GPU measurement "
+        "(benchmarks/gpu_check.sh) shows it faster: then flip COMPILE_DEFAULT."))
+    group.add_argument("--tf32_logits", default=True, type=utils.bool_flag, help=(
+        "On CUDA, the memory logits' matmuls in TF32 (10 mantissa bits in, float32 sums: "
+        "the precision of the authors' fp16 logits; measured error in docs/method.md, "
+        "section 10). False: IEEE float32. No effect on CPU. Default true."))
 
     group = parser.add_argument_group("temperatures")
     group.add_argument("--student_temp", default=0.1, type=float, help=(

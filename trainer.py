@@ -232,8 +232,8 @@ class MaSSLTrainer:
             log(f"note: --use_fp16 needs CUDA; training in fp32 on {device.type}")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if device.type == "cuda":
-            # TF32 matmuls stay off (PyTorch's default): the memory logits are meant to be
-            # float32 (docs/method.md, step 4); the backbone runs under fp16/bf16 autocast anyway.
+            # TF32 stays off globally (PyTorch's default); the loss turns it on for the memory
+            # logits' matmuls only, with --tf32_logits (docs/method.md, section 10).
             torch.backends.cudnn.benchmark = True
 
         utils.fix_random_seeds(args.seed)  # identical weights and memory on every rank
@@ -258,7 +258,7 @@ class MaSSLTrainer:
         utils.fix_random_seeds(args.seed + env.rank)  # drop-path differs across ranks
 
         self.criterion = MaSSLLoss(args.partition_size, student_temp=args.student_temp,
-                                   n_global_crops=2)
+                                   n_global_crops=2, tf32=args.tf32_logits)
         self.koleo = KoLeoLoss() if args.koleo_loss_weight > 0 else None
         self.params = [p for p in student.parameters() if p.requires_grad]
         self._ema_pairs = (list(teacher.parameters()), list(student.parameters()))
