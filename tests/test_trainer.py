@@ -267,3 +267,55 @@ def test_nonfinite_loss_raises_after_its_step_naming_it():
                        match=r"global step 2\): loss=nan, massl=nan; the last good checkpoint"):
         trainer.train_step([crops(1)])
     assert trainer.global_step == 1  # the step that failed is not counted as done
+
+
+# --------------------------------------------------------------------------- background checkpoints
+
+
+def test_background_checkpoint_is_the_state_at_save_time(tmp_path):
+    """The write goes on while training changes the weights: the file holds the state of
+    the moment save_checkpoint returned (a CPU copy), exactly what a synchronous save holds."""
+    trainer = make_trainer()
+    trainer.train_step([crops(0)])
+    sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
+    sync_dir.mkdir(), async_dir.mkdir()
+    main_massl.save_checkpoint(trainer, sync_dir, 0, 1, {})
+    writer, done = utils.BackgroundWriter(), []
+    main_massl.save_checkpoint(trainer, async_dir, 0, 1, {}, numbered=True, writer=writer,
+                               then=lambda: done.append((async_dir / "checkpoint.pth").exists()))
+    trainer.train_step([crops(1)])  # changes weights, memory and optimizer state in place
+    writer.wait()
+    assert done == [True]  # ``then`` ran after the file was in place
+    a = torch.load(sync_dir / "checkpoint.pth", weights_only=True)
+    for name in ("checkpoint.pth", "checkpoint0000.pth"):
+        b = torch.load(async_dir / name, weights_only=True)
+        for part in ("student", "teacher", "memory"):
+            for key in a[part]:
+                assert torch.equal(a[part][key], b[part][key]), (part, key)
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+        for i, s in a["optimizer"]["state"].items():
+            for key in s:
+                assert torch.equal(s[key], b["optimizer"]["state"][i][key]), (i, key)
+        assert (b["epoch"], b["iteration"], b["global_step"]) == (0, 1, 1)
+    assert not list(async_dir.glob(".*.tmp"))
+
+
+def test_background_writer_runs_jobs_in_order_and_reports_errors(tmp_path):
+    import threading
+    writer, order, release = utils.BackgroundWriter(), [], threading.Event()
+    writer.submit(lambda: (release.wait(10), order.append(1)))
+    threading.Timer(0.2, release.set).start()
+    writer.submit(lambda: order.append(2))  # waits for the first job
+    writer.wait()
+    assert order == [1, 2]
+
+    # A failed write: the error surfaces in the caller's thread at the next wait, and the
+    # atomic rename leaves the previous file as it was.
+    path = tmp_path / "checkpoint.pth"
+    utils.save_atomic({"good": torch.ones(2)}, path)
+    writer.submit(lambda: utils.save_atomic({"bad": lambda: None}, path))  # cannot pickle
+    with pytest.raises(Exception, match="pickle|lambda"):
+        writer.wait()
+    writer.wait()  # reported once
+    assert torch.equal(torch.load(path, weights_only=True)["good"], torch.ones(2))
+    assert not list(tmp_path.glob(".*.tmp"))
