@@ -337,12 +337,8 @@ def run(opts: argparse.Namespace) -> dict:
                      "speedup": bu.paired_ratio(times[variant_name(variants[0])], t),
                      "mfu": total_flops / step_s / flops_peak, "peak_flops": flops_peak,
                      "peak_what": peak_what, "peak_memory": memory, "memory_what": memory_what})
-    a = first.args
     return {
-        "device": bu.describe_device(device),
-        "shapes": (f"{a.arch}/{a.patch_size}, batch {a.batch_size_per_gpu}, crops "
-                   f"2x{a.global_crops_size} + {a.local_crops_number}x{a.local_crops_size}, "
-                   f"memory {a.out_dim}/{a.partition_size}"),
+        "device": bu.describe_device(device), "shapes": describe_shapes(first.args),
         "flops": flops, "total_flops": total_flops, "rows": rows,
         "steps": opts.steps, "compare": opts.compare,
         "loss_first": losses[0], "loss_last": losses[-1],
@@ -350,6 +346,12 @@ def run(opts: argparse.Namespace) -> dict:
                              for name, t in trainers.items()),
         "memory_ptrs": sorted({int(t.memory.ptr) for t in trainers.values()}),
     }
+
+
+def describe_shapes(a: argparse.Namespace) -> str:
+    return (f"{a.arch}/{a.patch_size}, batch {a.batch_size_per_gpu}, crops "
+            f"2x{a.global_crops_size} + {a.local_crops_number}x{a.local_crops_size}, "
+            f"memory {a.out_dim}/{a.partition_size}")
 
 
 def run_real_loop(opts: argparse.Namespace) -> dict | None:
@@ -406,11 +408,7 @@ def run_real_loop(opts: argparse.Namespace) -> dict | None:
            "images_per_s": opts.batch_size / step_s, "speedup": 1.0,
            "mfu": flops / step_s / peak_flops, "peak_flops": peak_flops, "peak_what": peak_what,
            "peak_memory": memory, "memory_what": memory_what}
-    a = args
-    return {"device": bu.describe_device(device),
-            "shapes": (f"{a.arch}/{a.patch_size}, batch {a.batch_size_per_gpu}, crops "
-                       f"2x{a.global_crops_size} + {a.local_crops_number}x{a.local_crops_size}, "
-                       f"memory {a.out_dim}/{a.partition_size}"),
+    return {"device": bu.describe_device(device), "shapes": describe_shapes(args),
             "flops": {"step": flops}, "total_flops": flops, "rows": [row], "steps": spe,
             "compare": None, "loss_first": log[0]["train_loss"], "loss_last": epoch["train_loss"],
             "teacher_moved": True, "memory_ptrs": [], "real_loop": True}

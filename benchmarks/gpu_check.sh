@@ -49,16 +49,22 @@ step() {
 }
 
 STEP=(benchmarks/bench_step.py --steps 10 --warmup 3)
-step cuda_tests 110 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider
+step cuda_tests 130 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider
 step loss_reference 25 "$PY" benchmarks/bench_loss.py --reference
-step step_vit_small_bf16 55 "$PY" "${STEP[@]}" --arch vit_small --precision bf16 --compare compile
-step step_vit_small_fp16 55 "$PY" "${STEP[@]}" --arch vit_small --precision fp16 --compare compile
-step step_vit_base_bf16 55 "$PY" "${STEP[@]}" --arch vit_base --precision bf16 --compare compile
-step step_vit_base_fp16 55 "$PY" "${STEP[@]}" --arch vit_base --precision fp16 --compare compile
-step real_loop_vit_small_bf16 45 "$PY" "${STEP[@]}" --arch vit_small --precision bf16 --real_loop
-step formulation_vit_small_bf16 30 "$PY" "${STEP[@]}" --arch vit_small --precision bf16 --compare formulation
-step data_augment_on 25 "$PY" benchmarks/bench_data.py --compare augment_on
-step torchrun_nccl_real_loop 45 env MASSL_FORCE_DDP=1 "$PY" -m torch.distributed.run \
+for arch in vit_small vit_base; do
+    for precision in bf16 fp16; do
+        step "step_${arch}_${precision}_eager" 20 "$PY" "${STEP[@]}" --arch "$arch" --precision "$precision"
+    done
+done
+for arch in vit_small vit_base; do  # the first steps compile (3 graphs), then 10 are timed
+    for precision in bf16 fp16; do
+        step "step_${arch}_${precision}_compiled" 40 "$PY" "${STEP[@]}" --arch "$arch" --precision "$precision" --compile true
+    done
+done
+step real_loop_vit_small_bf16 35 "$PY" "${STEP[@]}" --arch vit_small --precision bf16 --real_loop
+step formulation_vit_small_bf16 25 "$PY" "${STEP[@]}" --arch vit_small --precision bf16 --compare formulation
+step data_augment_on 20 "$PY" benchmarks/bench_data.py --compare augment_on
+step torchrun_nccl_real_loop 40 env MASSL_FORCE_DDP=1 "$PY" -m torch.distributed.run \
     --standalone --nproc-per-node=1 "${STEP[@]}" --arch vit_small --precision bf16 --real_loop
 
 "$PY" benchmarks/gpu_summary.py "$OUT" > "$OUT/summary.md" 2> "$OUT/summary.err" \

@@ -106,6 +106,25 @@ def read_steps(out_dir: Path) -> list[Step]:
     return steps
 
 
+def pair_ratios(steps: list[Step]) -> list[str]:
+    """images/s of compiled over eager for each (arch, precision), and of the real loop over
+    the synthetic eager step (what training gets of the step's figure)."""
+    rate = {s.name: float(s.rows[0]["images/s"]) for s in steps
+            if len(s.rows) == 1 and s.rows[0]["images/s"] != "-"}
+    out = []
+    for name, value in rate.items():
+        if name.endswith("_compiled") and name[:-len("compiled")] + "eager" in rate:
+            eager = rate[name[:-len("compiled")] + "eager"]
+            out.append(f"{name[len('step_'):-len('_compiled')]}: compiled/eager images/s "
+                       f"{value / eager:.2f}x ({value:g} vs {eager:g})")
+    for name, value in rate.items():
+        if name.startswith("real_loop_") and f"step_{name[len('real_loop_'):]}_eager" in rate:
+            eager = rate[f"step_{name[len('real_loop_'):]}_eager"]
+            out.append(f"{name[len('real_loop_'):]}: real loop/synthetic eager step images/s "
+                       f"{value / eager:.2f}x ({value:g} vs {eager:g})")
+    return out
+
+
 def first_number(pattern: str, texts: list[str]) -> float | None:
     for text in texts:
         m = re.search(pattern, text)
@@ -163,6 +182,7 @@ def summary(out_dir: Path) -> str:
     lines += ["", "Ratios:"]
     lines += [f"- {s.name}: {ratio}" for s in steps for ratio in s.ratios
               if not ratio.startswith("achieved")]
+    lines += [f"- {line}" for line in pair_ratios(steps)]
     lines += ["", "Targets:"] + [f"- {t}" for t in targets(steps)]
     return "\n".join(lines) + "\n"
 
