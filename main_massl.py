@@ -46,6 +46,11 @@ from vision_transformer import VIT_ARCHS, UnknownArchError, check_arch
 # --------------------------------------------------------------------------- command line
 
 
+# --compile's default. Off until measured on a GPU: when benchmarks/gpu_check.sh shows the
+# compiled step faster (after its start-up pause), set True here (CPU runs pass false).
+COMPILE_DEFAULT = False
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """All training flags. ``add_help=False`` so launchers can use it as a parent parser
     (``argparse.ArgumentParser(parents=[get_args_parser()])``), as DINO's scripts do."""
@@ -82,9 +87,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--momentum_teacher", default=0.992, type=float, help=(
         "Base EMA momentum of the teacher, raised to 1 over training with a cosine schedule. "
         "Higher values suit smaller batches. Reference runs: 0.992 (ViT-S), 0.996 (ViT-B)."))
-    group.add_argument("--compile", default=False, type=utils.bool_flag, help=(
+    group.add_argument("--compile", default=COMPILE_DEFAULT, type=utils.bool_flag, help=(
         "torch.compile the student and teacher backbones (faster steps on GPU after a "
-        "compilation pause at start-up). Default false."))
+        "compilation pause at start-up; on CPU the two crop sizes compile 3 graphs in the "
+        "first step, never again). Default false until a GPU measurement "
+        "(benchmarks/gpu_check.sh) shows it faster: then flip COMPILE_DEFAULT."))
+    group.add_argument("--tf32_logits", default=True, type=utils.bool_flag, help=(
+        "On CUDA, the memory logits' matmuls in TF32 (10 mantissa bits in, float32 sums: "
+        "the precision of the authors' fp16 logits; measured error in docs/method.md, "
+        "section 10). False: IEEE float32. No effect on CPU. Default true."))
 
     group = parser.add_argument_group("temperatures")
     group.add_argument("--student_temp", default=0.1, type=float, help=(
@@ -422,6 +433,7 @@ class RunLog:
         # all); the epoch's warnings also go into its log.txt line.
         self.detector = CollapseDetector() if args.health_metrics else None
         self.epoch_warnings: list[str] = []
+        self.checkpoints = utils.BackgroundWriter()  # checkpoint.pth, written in the background
 
     def __call__(self, message: str) -> None:
         if self.is_main:
@@ -441,8 +453,12 @@ class RunLog:
                                     purge_step=start_step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Finish the checkpoint write in flight (every exit passes here), then TensorBoard."""
+        try:
+            self.checkpoints.wait()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
 
     def step(self, epoch: int, step: int, global_step: int, meter: utils.MetricMeter,
              health: utils.MetricMeter, epoch_start: float, first_step: int,
@@ -481,8 +497,8 @@ class RunLog:
         health.reset_window()
         self.window_start = now
 
-    def epoch(self, entry: dict[str, Any]) -> None:
-        """Append the epoch's JSON line to log.txt and its means to TensorBoard."""
+    def epoch_scalars(self, entry: dict[str, Any]) -> None:
+        """The epoch's means to TensorBoard."""
         if self.writer is not None:
             for key, value in entry.items():
                 if key.startswith("train_"):
@@ -490,6 +506,9 @@ class RunLog:
                 elif key.startswith("knn_"):
                     self.writer.add_scalar(f"knn/{key[len('knn_'):]}", value, entry["epoch"])
             self.writer.flush()
+
+    def append_log_line(self, entry: dict[str, Any]) -> None:
+        """The epoch's JSON line to log.txt (main rank)."""
         if self.is_main:
             utils.append_line(self.output_dir / "log.txt", json.dumps(entry))
 
@@ -578,7 +597,8 @@ def run_epoch(trainer: MaSSLTrainer, data: TrainingData, start: ResumePoint,
                      len(trainer.params))
         if stopping and step < spe:
             save_checkpoint(trainer, log.output_dir, epoch, step,
-                            epoch_state(meter, health, time.time() - epoch_start, log))
+                            epoch_state(meter, health, time.time() - epoch_start, log),
+                            writer=log.checkpoints)
             return step
     epoch_time = time.time() - epoch_start
     stats = meter.epoch_means(trainer.device)
@@ -605,11 +625,13 @@ def run_epoch(trainer: MaSSLTrainer, data: TrainingData, start: ResumePoint,
         if any(fp != entry["rank_fingerprints"][0] for fp in entry["rank_fingerprints"]):
             log("warning: teacher/memory differ across ranks (see rank_fingerprints)")
     # The checkpoint first: it carries the epoch's log line, which resume() writes to log.txt
-    # if a kill between the two lost it.
+    # if a kill between the two lost it. Both are written in the background, the line once
+    # the checkpoint is in place, while the next epoch trains.
     save_checkpoint(trainer, log.output_dir, epoch + 1, 0, epoch_state(None, None, 0.0, log),
                     numbered=args.saveckp_freq > 0 and (epoch + 1) % args.saveckp_freq == 0,
-                    log_entry=entry)
-    log.epoch(entry)
+                    log_entry=entry, writer=log.checkpoints,
+                    then=lambda: log.append_log_line(entry))
+    log.epoch_scalars(entry)
     log(f"Epoch [{epoch + 1}/{args.epochs}] done: loss {stats['loss']:.4f}, "
         f"{epoch_time:.1f} s, checkpoint saved")
     return spe if stopping else None
@@ -694,20 +716,41 @@ def check_resume_file(args: argparse.Namespace, output_dir: Path) -> None:
 
 def save_checkpoint(trainer: MaSSLTrainer, output_dir: Path, epoch: int, step: int,
                     rank_state: dict[str, Any], numbered: bool = False,
-                    log_entry: dict[str, Any] | None = None) -> None:
+                    log_entry: dict[str, Any] | None = None,
+                    writer: utils.BackgroundWriter | None = None,
+                    then: Callable[[], None] | None = None) -> None:
     """Atomically write checkpoint.pth (and checkpointNNNN.pth) on rank 0; collective.
 
     ``epoch`` epochs and ``step`` optimizer steps of the next one are done; ``rank_state``
     (``epoch_state``: e.g. the partial epoch's metrics) travels per rank so a resumed epoch
-    reports the same means."""
+    reports the same means. ``then`` runs on rank 0 once the files are in place.
+
+    With ``writer`` the files are written in its background thread: this waits for the
+    previous write, copies the state to CPU memory and returns while the write goes on
+    (the other ranks do not wait for it either). Each file still appears by an atomic
+    rename, so a kill mid-write leaves the previous checkpoint; ``writer.wait()`` (RunLog's
+    close, on every exit) finishes it."""
     ckpt = trainer.state_dict(rank_state)
     ckpt.update(epoch=epoch, iteration=step, epoch_images_done=step * trainer.images_per_step)
     if log_entry is not None:
         ckpt["log_entry"] = json.dumps(log_entry)  # a string: weights_only-safe
     if trainer.env.is_main:
-        utils.save_atomic(ckpt, output_dir / "checkpoint.pth")
+        paths = [output_dir / "checkpoint.pth"]
         if numbered:
-            utils.save_atomic(ckpt, output_dir / f"checkpoint{epoch:04d}.pth")
+            paths.append(output_dir / f"checkpoint{epoch:04d}.pth")
+
+        def write(state: dict[str, Any]) -> None:
+            for path in paths:
+                utils.save_atomic(state, path)
+            if then is not None:
+                then()
+
+        if writer is None:
+            write(ckpt)
+        else:
+            writer.wait()  # one checkpoint in host memory at a time
+            state = utils.cpu_copy(ckpt)
+            writer.submit(lambda: write(state))
     utils.barrier()
 
 

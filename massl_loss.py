@@ -1,14 +1,38 @@
 """The MaSSL loss: view-to-memory distributions matched across crops (spec steps 4-6)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MaSSLLoss", "KoLeoLoss", "BlockProbs"]
+__all__ = ["MaSSLLoss", "KoLeoLoss", "BlockProbs", "tf32_matmuls", "round_to_tf32"]
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA float32 matmuls in TF32 (inputs rounded to 10 mantissa bits, float32 sums) inside
+    the block, restoring the previous setting after; nothing changes when ``enabled`` is
+    false or off CUDA. The legacy flag, the one API this project uses (mixing it with
+    ``fp32_precision`` is an error in PyTorch)."""
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) with its mantissa cut to TF32's 10 bits (toward zero, the worst case
+    of the tensor cores' input rounding): emulates a TF32 matmul's inputs on any device."""
+    return (x.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
 
 
 class BlockProbs(NamedTuple):
@@ -52,7 +76,8 @@ class MaSSLLoss(nn.Module):
     autocast: a 16-bit softmax over thousands of slots loses the signal.
     """
 
-    def __init__(self, block_size: int, student_temp: float = 0.1, n_global_crops: int = 2):
+    def __init__(self, block_size: int, student_temp: float = 0.1, n_global_crops: int = 2,
+                 tf32: bool = False):
         super().__init__()
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -63,6 +88,7 @@ class MaSSLLoss(nn.Module):
         self.block_size = block_size
         self.student_temp = student_temp
         self.n_global_crops = n_global_crops
+        self.tf32 = tf32  # the memory logits' matmuls in TF32 on CUDA (docs/method.md, 10)
 
     def extra_repr(self) -> str:
         return (f"block_size={self.block_size}, student_temp={self.student_temp}, "
@@ -117,7 +143,9 @@ class MaSSLLoss(nn.Module):
         elif perm.shape != (K,):
             raise ValueError(f"perm must have shape ({K},), got {tuple(perm.shape)}")
 
-        with torch.autocast(device_type=student_emb.device.type, enabled=False):
+        tf32 = self.tf32 and student_emb.device.type == "cuda"
+        with torch.autocast(device_type=student_emb.device.type, enabled=False), \
+                tf32_matmuls(tf32):
             # One gather of the memory rows gives every block as a contiguous slice.
             blocks = memory_features.detach()[perm[: n_blocks * P].to(memory_features.device)]
             blocks = blocks.float()
@@ -126,7 +154,7 @@ class MaSSLLoss(nn.Module):
                 t = t.view(G, B * n_blocks, P).softmax(dim=-1).view(G, B, n_blocks * P)
             sink: list[torch.Tensor] | None = [] if return_probs else None
             loss = _BlockCrossEntropy.apply(student_emb.float(), blocks, t, P, self.student_temp,
-                                            sink)
+                                            sink, tf32)
         if return_probs:
             return loss, BlockProbs(student=sink[0].view(V, B, n_blocks * P), teacher=t)
         return loss
@@ -141,19 +169,17 @@ class _BlockCrossEntropy(torch.autograd.Function):
     ``sum_i n_i * lse(s_i) - <s_i, T_i>`` (teacher distributions sum to one per block) and its
     gradient ``(n_i * softmax(s_i) - T_i) @ blocks / temp``. Writing the gradient out lets
     the logits buffer be turned into the block softmax in place and be the only
-    ``(V*B, n*P)`` tensor kept for backward; ``T_i @ blocks`` is a small ``(B, D)`` matrix.
+    ``(V*B, n*P)`` tensor kept for backward; ``T_i @ blocks`` is a small ``(B, D)`` matrix,
+    which also gives the cross term ``<s_i, T_i> = <z_i / temp, T_i @ blocks>`` without
+    reading the logits (the buffer is read only by the softmax).
     """
 
     @staticmethod
-    def forward(ctx, z, blocks, t, block_size, temp, sink=None):
+    def forward(ctx, z, blocks, t, block_size, temp, sink=None, tf32=False):
         G, B, KP = t.shape
         V = z.shape[0] // B
-        logits = (z * (1.0 / temp)) @ blocks.T                       # (V*B, n*P)
-        # sum_i <s_i, T_i> = sum_i <s_i, sum_j t_j> - sum_{i<G} <s_i, t_i>, as matrix products
-        t_sum = t.sum(dim=0).view(B * KP)
-        s_flat = logits.view(V, B * KP)
-        cross = (s_flat @ t_sum).sum() - torch.bmm(
-            s_flat[:G].unsqueeze(1), t.view(G, B * KP, 1)).sum()
+        z_scaled = z * (1.0 / temp)
+        logits = z_scaled @ blocks.T                                  # (V*B, n*P)
         s = logits.view(V * B, -1, block_size)
         peak = s.amax(dim=-1, keepdim=True)
         s.sub_(peak).exp_()
@@ -161,7 +187,7 @@ class _BlockCrossEntropy(torch.autograd.Function):
         s.div_(total)                                                 # logits now hold softmax
         if sink is not None:  # a reference to the buffer for monitoring, not a copy
             sink.append(logits.detach())
-        lse = (peak + total.log()).view(V, -1).sum(dim=1)             # per crop
+        lse = (peak + total.log()).view(V, -1).double().sum(dim=1)    # per crop
         n_teachers = torch.full((V,), float(G), device=z.device)
         n_teachers[:G] = G - 1
         n_pairs, n_blocks = V * G - G, KP // block_size
@@ -170,18 +196,23 @@ class _BlockCrossEntropy(torch.autograd.Function):
         t_means = (t.view(G * B, KP) @ blocks).view(G, B, -1)
         others = t_means.sum(dim=0, keepdim=True).expand(V, B, -1).clone()
         others[:G] -= t_means  # global crop i is not matched with teacher crop i
+        # sum_i <s_i, T_i> = sum_i <z_i / temp, T_i @ blocks>: from (V*B, D) matrices, with
+        # no pass over the (V*B, n*P) logits buffer.
+        # The two sums cancel to a few units: added up in float64 (small tensors, cheap).
+        cross = (z_scaled.double() * others.view(V * B, -1)).sum()
         ctx.save_for_backward(logits, blocks, others.view(V * B, -1),
                               n_teachers.repeat_interleave(B))
-        ctx.scale = 1.0 / (norm * temp)
-        return ((n_teachers * lse).sum() - cross) / norm
+        ctx.scale, ctx.tf32 = 1.0 / (norm * temp), tf32
+        return (((n_teachers * lse).sum() - cross) / norm).float()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         probs, blocks, others, n_rows = ctx.saved_tensors
-        with torch.autocast(device_type=probs.device.type, enabled=False):
+        with torch.autocast(device_type=probs.device.type, enabled=False), \
+                tf32_matmuls(ctx.tf32):
             grad_z = (n_rows[:, None] * (probs @ blocks) - others) * (grad * ctx.scale)
-        return grad_z, None, None, None, None, None
+        return grad_z, None, None, None, None, None, None
 
 
 class KoLeoLoss(nn.Module):

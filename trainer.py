@@ -142,8 +142,10 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float,
         return (0.0, 0) if stats else None
     norms = torch._foreach_norm(grads)
     if max_norm > 0:
-        scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-        torch._foreach_mul_(grads, scales)
+        # All the per-tensor factors in three kernels (not two per tensor), then one
+        # multi-tensor multiply: same arithmetic as clamp(max_norm / (norm + 1e-6), max=1).
+        scales = torch.stack(norms).add_(1e-6).reciprocal_().mul_(max_norm).clamp_(max=1.0)
+        torch._foreach_mul_(grads, scales.to(grads[0].dtype).unbind())
     return gradient_stats(norms, max_norm) if stats else None
 
 
@@ -230,8 +232,8 @@ class MaSSLTrainer:
             log(f"note: --use_fp16 needs CUDA; training in fp32 on {device.type}")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if device.type == "cuda":
-            # TF32 matmuls stay off (PyTorch's default): the memory logits are meant to be
-            # float32 (docs/method.md, step 4); the backbone runs under fp16/bf16 autocast anyway.
+            # TF32 stays off globally (PyTorch's default); the loss turns it on for the memory
+            # logits' matmuls only, with --tf32_logits (docs/method.md, section 10).
             torch.backends.cudnn.benchmark = True
 
         utils.fix_random_seeds(args.seed)  # identical weights and memory on every rank
@@ -256,7 +258,7 @@ class MaSSLTrainer:
         utils.fix_random_seeds(args.seed + env.rank)  # drop-path differs across ranks
 
         self.criterion = MaSSLLoss(args.partition_size, student_temp=args.student_temp,
-                                   n_global_crops=2)
+                                   n_global_crops=2, tf32=args.tf32_logits)
         self.koleo = KoLeoLoss() if args.koleo_loss_weight > 0 else None
         self.params = [p for p in student.parameters() if p.requires_grad]
         self._ema_pairs = (list(teacher.parameters()), list(student.parameters()))
@@ -289,7 +291,10 @@ class MaSSLTrainer:
         synchronises on the last one only). Then clipping, the optimizer step at this
         step's lr and weight decay, and the teacher EMA. Returns the step's metrics (means
         over its micro-batches, this rank) and ``stop``: 1.0 when any rank asked to stop
-        (``stop_requested``), agreed in the same collective as the non-finite check.
+        (``stop_requested``), agreed in the same collective as the non-finite check. That
+        check is the step's only host sync when ``monitor`` is off, and it comes after the
+        whole update is queued (not between forward and backward); a non-finite loss raises
+        ``NonFiniteLossError`` then, before anything is saved (docs/method.md, section 10).
 
         ``monitor``: also return the health metrics of ``monitor.HEALTH_KEYS`` (averaged over
         micro-batches and ranks; collective, so every rank must pass the same value), read
@@ -304,8 +309,8 @@ class MaSSLTrainer:
         ddp = self.ddp_student is not self.student
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype,
                                   enabled=self.amp_dtype is not None)
-        totals = {"loss": 0.0, "massl": 0.0, **({"koleo": 0.0} if self.koleo else {})}
-        stop = 0.0
+        keys = ["loss", "massl", *(["koleo"] if self.koleo else [])]
+        per_micro: list[torch.Tensor] = []  # each micro-batch's (loss, massl[, koleo]), on device
         n_micro = 0
         health: dict[str, float] = {}
         for micro, crops in enumerate(micro_batches):
@@ -325,23 +330,18 @@ class MaSSLTrainer:
                     else:
                         massl = self.criterion(student_out, teacher_out, self.memory.features,
                                                values["teacher_temp"], perm=perm)
-                    parts = {"massl": massl}
+                    parts = [massl]
                     loss = massl
                     if self.koleo is not None:
-                        parts["koleo"] = sum(self.koleo(c) for c in student_out[:2 * B].chunk(2)) / 2
-                        loss = loss + self.args.koleo_loss_weight * parts["koleo"]
-                items = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+                        parts.append(sum(self.koleo(c) for c in student_out[:2 * B].chunk(2)) / 2)
+                        loss = loss + self.args.koleo_loss_weight * parts[-1]
+                per_micro.append(torch.stack([loss, *parts]).detach().float())
                 if monitor:  # before backward: the student softmaxes are the loss's buffer
                     self._add_block_health(health, probs, perm)
-                nonfinite, stop = utils.all_reduce_max(
-                    [float(not math.isfinite(items["loss"])), float(stop_requested)], self.device)
-                if nonfinite:
-                    raise NonFiniteLossError(self._nonfinite_message(it, items))
+                # No host sync here: the loss is checked once, after the optimizer step.
                 self.memory.update(teacher_out[B:2 * B])  # teacher embeddings of global crop 2
                 scaled = loss / self.accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            for key, value in items.items():
-                totals[key] += value / self.accum
             n_micro += 1
         if n_micro != self.accum:
             raise ValueError(f"train_step got {n_micro} micro-batches, expected {self.accum}")
@@ -356,6 +356,7 @@ class MaSSLTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(*self._ema_pairs, values["momentum"])
+        totals, stop = self._check_step(it, keys, per_micro, stop_requested)
         self.global_step += 1
         if monitor:
             # Per-rank values are averaged over ranks; usage is already global, the memory
@@ -368,6 +369,29 @@ class MaSSLTrainer:
             totals["memory_spread"] = memory_spread(self.memory.features)
             totals["grad_norm"], totals["clipped"] = grads
         return {**totals, **values, "stop": stop}
+
+    def _check_step(self, it: int, keys: list[str], per_micro: list[torch.Tensor],
+                    stop_requested: bool) -> tuple[dict[str, float], float]:
+        """The step's one host sync, after its whole update is queued: every rank learns
+        whether any rank's loss was non-finite or asked to stop (one all-reduce of two
+        flags), and this rank's losses come back as floats. A non-finite loss raises
+        ``NonFiniteLossError`` naming step ``it``: the weights in memory then hold that
+        step's update, but nothing was saved, so the last checkpoint is the last good step."""
+        values = torch.stack(per_micro)                                 # (accum, len(keys))
+        flags = torch.stack([(~torch.isfinite(values)).any().float(),
+                             torch.tensor(float(stop_requested), device=values.device)])
+        if utils.is_dist():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        nonfinite, stop, *flat = torch.cat([flags, values.flatten()]).tolist()
+        rows = [flat[i:i + len(keys)] for i in range(0, len(flat), len(keys))]
+        if nonfinite:
+            bad = next((r for r in rows if not all(map(math.isfinite, r))), rows[0])
+            raise NonFiniteLossError(self._nonfinite_message(it, dict(zip(keys, bad))))
+        totals = {k: 0.0 for k in keys}
+        for row in rows:  # in Python floats, as the per-micro-batch .item() sums were
+            for key, value in zip(keys, row):
+                totals[key] += value / self.accum
+        return totals, stop
 
     def _add_block_health(self, health: dict[str, float], probs: Any, perm: torch.Tensor) -> None:
         """Add one micro-batch's block metrics (monitor.py) to the sums in ``health``."""

@@ -24,7 +24,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 import torch
@@ -436,6 +436,51 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically (see ``atomic_path``)."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def cpu_copy(obj: Any) -> Any:
+    """``obj`` (nested dicts, lists, tuples) with every tensor copied to fresh CPU memory, so
+    a background write sees this moment's values while training goes on changing its own."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs write jobs (e.g. ``save_atomic``) one at a time in a background thread.
+
+    ``submit`` first waits for the job in flight, so at most one runs and they land in
+    order; ``wait`` blocks until it is done and re-raises its error (a full disk's
+    ``UserError``) in the caller's thread. The thread is not a daemon: an interpreter
+    exiting (also after SIGTERM's orderly stop) finishes the write before it ends.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="background-writer")
+        self._thread.start()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:

@@ -172,8 +172,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="timed rounds per variant; the median is reported (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--tf32", type=bu.str2bool, default=True,
-                   help="CUDA only: allow TF32 for float32 matmuls, as main_massl.py does on GPU "
-                        "(default true); false for strict float32")
+                   help="CUDA only: the loss's float32 matmuls in TF32, as training does by "
+                        "default (main_massl.py --tf32_logits true; both variants get the same "
+                        "setting); false for IEEE float32, as --tf32_logits false")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurement")
     bu.add_common_args(p)
     p.add_argument("--_child", choices=["naive", "ours"], help=argparse.SUPPRESS)
@@ -212,9 +213,10 @@ def main(args: argparse.Namespace) -> None:
         args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
     device = bu.resolve_device(args.device)
     precision = "float32"
-    if device.type == "cuda":
+    if device.type == "cuda":  # the one global switch: ours and the naive loss alike
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        precision += f" (TF32 matmuls {'on' if args.tf32 else 'off'})"
+        precision += (f" (TF32 matmuls {'on' if args.tf32 else 'off'}, as main_massl.py "
+                      f"--tf32_logits {str(args.tf32).lower()})")
     print(bu.describe_device(device))
     print("shapes: " + ", ".join(f"{k}={v}" for k, v in shapes.items()) +
           f" | student_temp={STUDENT_TEMP} teacher_temp={TEACHER_TEMP} | {precision}")

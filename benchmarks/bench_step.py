@@ -12,6 +12,14 @@ optimizer and elementwise work are not counted, as usual for MFU). The peak is a
 matmul in the step's compute dtype, measured in the same process before and after the timed
 steps (the better of the two); MFU is achieved FLOP/s over that peak.
 
+``--real_loop`` times what training gets instead: ``main_massl.train`` itself for two short
+epochs on a folder of JPEGs (``--data_path``, else photos written to a temporary folder as
+``bench_data.py`` writes them) -- the loader and its workers, the host-to-device copies, the
+process group when launched by torchrun (``MASSL_FORCE_DDP=1`` forms one for a single
+process), the trainer and the background checkpoint at the first epoch's end. The figure is
+the second epoch's (the first one compiles, warms up and starts the workers), as log.txt
+reports it; MFU counts the same FLOPs per step as the synthetic step.
+
 ``--compare KNOB`` times the variants of one setting (precision, sdpa, compile, fused_adamw,
 formulation) from the same initial weights, alternating them step by step, so that on a shared
 machine a burst of load slows every variant alike. ``--compare formulation`` times the same
@@ -25,13 +33,18 @@ naive loss of ``bench_loss.py`` run inside the step's autocast, so its ``(V*B) x
     python benchmarks/bench_step.py --compare formulation   # ours vs the authors' formulation
     python benchmarks/bench_step.py --compare precision   # fp32 vs fp16 vs bf16 (also: sdpa,
                                                           # compile, fused_adamw)
+    python benchmarks/bench_step.py --real_loop           # the training loop's own figure
+    MASSL_FORCE_DDP=1 torchrun --nproc-per-node=1 benchmarks/bench_step.py --real_loop
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -173,10 +186,12 @@ def compared_variant(base: dict, knob: str, value: object) -> dict:
     return variant
 
 
-def training_args(opts: argparse.Namespace, precision: str, compile: bool) -> argparse.Namespace:
+def training_args(opts: argparse.Namespace, precision: str, compile: bool,
+                  data_path: str = "unused-by-the-benchmark", extra: tuple[str, ...] = ()
+                  ) -> argparse.Namespace:
     """The training script's arguments (all its defaults) for this benchmark's shapes."""
     return main_massl.get_args_parser().parse_args([
-        "--data_path", "unused-by-the-benchmark",
+        "--data_path", data_path, *extra,
         "--arch", opts.arch, "--patch_size", str(opts.patch_size),
         "--global_crops_size", str(opts.global_size), "--local_crops_size", str(opts.local_size),
         "--local_crops_number", str(opts.local_crops_number),
@@ -322,12 +337,8 @@ def run(opts: argparse.Namespace) -> dict:
                      "speedup": bu.paired_ratio(times[variant_name(variants[0])], t),
                      "mfu": total_flops / step_s / flops_peak, "peak_flops": flops_peak,
                      "peak_what": peak_what, "peak_memory": memory, "memory_what": memory_what})
-    a = first.args
     return {
-        "device": bu.describe_device(device),
-        "shapes": (f"{a.arch}/{a.patch_size}, batch {a.batch_size_per_gpu}, crops "
-                   f"2x{a.global_crops_size} + {a.local_crops_number}x{a.local_crops_size}, "
-                   f"memory {a.out_dim}/{a.partition_size}"),
+        "device": bu.describe_device(device), "shapes": describe_shapes(first.args),
         "flops": flops, "total_flops": total_flops, "rows": rows,
         "steps": opts.steps, "compare": opts.compare,
         "loss_first": losses[0], "loss_last": losses[-1],
@@ -335,6 +346,72 @@ def run(opts: argparse.Namespace) -> dict:
                              for name, t in trainers.items()),
         "memory_ptrs": sorted({int(t.memory.ptr) for t in trainers.values()}),
     }
+
+
+def describe_shapes(a: argparse.Namespace) -> str:
+    return (f"{a.arch}/{a.patch_size}, batch {a.batch_size_per_gpu}, crops "
+            f"2x{a.global_crops_size} + {a.local_crops_number}x{a.local_crops_size}, "
+            f"memory {a.out_dim}/{a.partition_size}")
+
+
+def run_real_loop(opts: argparse.Namespace) -> dict | None:
+    """Two epochs of ``main_massl.train`` (same shapes and flags as the synthetic step); the
+    second epoch's figures, on rank 0 (``None`` on the other ranks)."""
+    device = bu.resolve_device(opts.device)
+    world = utils.world_size_from_env()
+    steps = max(opts.steps, opts.warmup)  # per epoch
+    variant = {"precision": opts.precision, "sdpa": True, "compile": opts.compile,
+               "fused_adamw": device.type == "cuda", "formulation": "ours", "monitor": False}
+    counting = build_trainer(opts, device, variant)  # the FLOPs of one step, as in run()
+    flops = sum(count_step_flops(counting.student, counting.teacher, counting.memory,
+                                 counting.criterion, random_crops(opts, device),
+                                 counting.amp_dtype).values())
+    del counting
+    peak_flops, peak_what = measure_peak_flops(device, DTYPES[opts.precision], opts.peak_size)
+    with tempfile.TemporaryDirectory(prefix="massl_bench_loop_") as tmp:
+        data_path, images = opts.data_path, f"the images in {opts.data_path}"
+        if not data_path:
+            from bench_data import write_test_images
+            data_path = str(Path(tmp) / "images")  # every rank writes the same images
+            images = write_test_images(Path(data_path) / "train",
+                                       steps * opts.batch_size * world, tuple(opts.image_size))
+        args = training_args(opts, opts.precision, opts.compile, data_path, (
+            "--output_dir", str(Path(tmp) / "run"), "--epochs", "2",
+            "--num_workers", str(opts.workers), "--saveckp_freq", "0", "--device", str(device)))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        elif world == 1:
+            bu.reset_peak_rss()
+        try:
+            main_massl.train(args, install_signal_handlers=False)
+        except utils.UserError as e:
+            raise bu.UserError(str(e)) from None
+        if utils.rank_from_env() != 0:
+            return None
+        log = [json.loads(line) for line in (Path(tmp) / "run" / "log.txt").read_text().splitlines()]
+    epoch = log[-1]
+    spe = round(epoch["train_epoch_time_s"] * epoch["train_images_per_sec"]
+                / (opts.batch_size * world))
+    step_s = epoch["train_epoch_time_s"] / spe
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device)
+        memory_what = "max_memory_allocated over both epochs (weights, state, memory, step)"
+    else:
+        memory = bu.peak_rss_bytes() if world == 1 else None
+        memory_what = "peak RSS of the process (workers excluded)"
+    forced = os.environ.get("MASSL_FORCE_DDP", "") == "1"
+    group = (f"{world} process(es), process group on" if world > 1 or forced
+             else "1 process, no process group")
+    name = (f"real loop: {variant_name(variant)}; {opts.workers} loader workers, {group}; "
+            f"{images}")
+    row = {"variant": name, "label": "real loop", "step_s": step_s, "step_times": [step_s],
+           "images_per_s": opts.batch_size / step_s, "speedup": 1.0,
+           "mfu": flops / step_s / peak_flops, "peak_flops": peak_flops, "peak_what": peak_what,
+           "peak_memory": memory, "memory_what": memory_what}
+    return {"device": bu.describe_device(device), "shapes": describe_shapes(args),
+            "flops": {"step": flops}, "total_flops": flops, "rows": [row], "steps": spe,
+            "compare": None, "loss_first": log[0]["train_loss"], "loss_last": epoch["train_loss"],
+            "teacher_moved": True, "memory_ptrs": [], "real_loop": True}
 
 
 def print_result(r: dict) -> None:
@@ -347,8 +424,11 @@ def print_result(r: dict) -> None:
     if not r["compare"]:
         row = r["rows"][0]
         print(f"config: {row['variant']}")
-        print(f"step: {bu.fmt_seconds(row['step_s'])} (median of {r['steps']}), "
-              f"{row['images_per_s']:.1f} images/s, peak memory {bu.fmt_bytes(row['peak_memory'])}"
+        how = (f"epoch 2's mean over its {r['steps']} steps" if r.get("real_loop")
+               else f"median of {r['steps']}")
+        memory = bu.fmt_bytes(row["peak_memory"]) if row["peak_memory"] is not None else "-"
+        print(f"step: {bu.fmt_seconds(row['step_s'])} ({how}), "
+              f"{row['images_per_s']:.1f} images/s, peak memory {memory}"
               f" ({row['memory_what']}); loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}")
     else:
         print(f"compare: {r['compare']}, variants alternated step by step, {r['steps']} timed "
@@ -362,8 +442,9 @@ def print_result(r: dict) -> None:
                   f"| {memory} |")
         print(f"peak memory: {r['rows'][0]['memory_what']}")
     every = " (every variant)" if r["compare"] else ""
-    print(f"check: memory pointer {', '.join(map(str, r['memory_ptrs']))}, teacher moved by "
-          f"EMA: {'yes' if r['teacher_moved'] else 'NO'}{every}")
+    if not r.get("real_loop"):  # the real loop's checks are main_massl.py's own
+        print(f"check: memory pointer {', '.join(map(str, r['memory_ptrs']))}, teacher moved "
+              f"by EMA: {'yes' if r['teacher_moved'] else 'NO'}{every}")
     if not r["compare"]:
         row = r["rows"][0]
         print(f"ratio: achieved {r['total_flops'] / row['step_s'] / 1e12:.3f} TFLOP/s / peak "
@@ -438,6 +519,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak_size", type=int, default=None,
                    help="N of the N x N matmul that measures the peak (default 8192 on GPU, "
                         "2048 on CPU)")
+    p.add_argument("--real_loop", action="store_true",
+                   help="time main_massl.train itself (loader, copies, process group under "
+                        "torchrun, trainer, background checkpoint) for two epochs of "
+                        "max(--steps, --warmup) steps; reports the second")
+    p.add_argument("--data_path", default="",
+                   help="--real_loop: an image folder (default: photos written to a temporary "
+                        "folder, --image_size each)")
+    p.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                   help="--real_loop: size of the written photos (default 500 375 on GPU, "
+                        "ImageNet's typical size; 2 x the global crop on CPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="--real_loop: data loader workers (default 8 on GPU, 2 on CPU)")
     p.add_argument("--quick", action="store_true",
                    help="vit_nano/4 on 16 px crops, 2 steps: checks the script runs, "
                         "measures nothing")
@@ -459,6 +552,12 @@ def resolve_options(opts: argparse.Namespace) -> argparse.Namespace:
             raise bu.UserError(f"--{key} must be at least 1")
     if opts.local_crops_number < 0:
         raise bu.UserError("--local_crops_number must be >= 0")
+    if opts.image_size is None:
+        opts.image_size = [500, 375] if gpu and not opts.quick else [2 * opts.global_size] * 2
+    if opts.workers is None:
+        opts.workers = 8 if gpu else 2
+    if opts.real_loop and opts.compare:
+        raise bu.UserError("--real_loop times one configuration: drop --compare")
     if opts.warmup < 1:
         raise bu.UserError("--warmup must be at least 1 (the first step allocates and compiles)")
     return opts
@@ -467,6 +566,11 @@ def resolve_options(opts: argparse.Namespace) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     opts = resolve_options(get_args_parser().parse_args(argv))
     bu.apply_threads(opts.threads)
+    if opts.real_loop:
+        result = run_real_loop(opts)
+        if result is not None:  # rank 0
+            print_result(result)
+        return
     print_result(run(opts))
 
 

@@ -62,6 +62,19 @@ def test_bench_step_quick_trains_and_prints_mfu(repo_root):
     assert re.search(r"MFU [0-9.]+%", line(out, "ratio:"))
 
 
+def test_bench_step_real_loop_times_the_training_script(repo_root):
+    out = run_script(repo_root, "benchmarks/bench_step.py", "--quick", "--device", "cpu",
+                     "--threads", "1", "--real_loop", "--workers", "0").stdout
+    # main_massl.train itself ran its two epochs (its own console lines), on written JPEGs
+    assert "Epoch [1/2] done" in out and "Epoch [2/2] done" in out
+    config = line(out, "config:")
+    assert config.startswith("config: real loop: fp32, SDPA on, compile off, foreach AdamW; 0 "
+                             "loader workers, 1 process, no process group; 8 JPEGs 32x32")
+    assert re.search(r"^step: \S+ m?s \(epoch 2's mean over its 2 steps\), [0-9.]+ images/s, "
+                     r"peak memory [0-9.]+ [KMG]iB", line(out, "step:"))
+    assert re.search(r"= MFU [0-9.]+%$", line(out, "ratio:"))
+
+
 def test_bench_step_compare_alternates_variants(repo_root):
     out = run_script(repo_root, "benchmarks/bench_step.py", "--quick", "--device", "cpu",
                      "--threads", "1", "--compare", "sdpa").stdout
@@ -178,6 +191,7 @@ def test_bench_dino_pipeline_makes_the_multicrop_tensors(repo_root, fmnist_folde
 @pytest.mark.parametrize("script,argv,message", [
     ("bench_loss.py", ["--memory_size", "64", "--block_size", "128"], "--block_size"),
     ("bench_step.py", ["--quick", "--arch", "no_such_net"], "unknown --arch"),
+    ("bench_step.py", ["--quick", "--real_loop", "--compare", "compile"], "drop --compare"),
     ("bench_data.py", ["--quick", "--workers", "a,b"], "--workers"),
 ])
 def test_bad_options_give_one_line_errors(repo_root, script, argv, message):

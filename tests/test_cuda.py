@@ -3,7 +3,9 @@
 Without CUDA they are skipped (CI has no GPU). On a GPU: main_massl.py on real Fashion-MNIST
 images in fp32, fp16 (gradient scaler) and bf16, eager and ``--compile``d, with data workers
 and pinned memory; exact resume after a SIGTERM save, under deterministic settings; DDP with
-NCCL in a one-process group (``MASSL_FORCE_DDP=1`` under ``torchrun --nproc-per-node=1``);
+NCCL in a one-process group (``MASSL_FORCE_DDP=1`` under ``torchrun --nproc-per-node=1``), also
+compiled and with the SyncBatchNorm head; the non-monitored step's host syncs; the loss and a
+ViT-S/16 step at the reference shapes (K = 131072, head dim 64);
 eval_knn.py against its CPU result; torch.hub and export.py files on the GPU. The forced
 one-process DDP run has a CPU twin with gloo, not marked, so CI tests that path too.
 """
@@ -210,6 +212,141 @@ def test_one_process_ddp_forced_on_trains_like_a_plain_run(device, deterministic
 
 def epoch_log_entry(output_dir: Path) -> dict:
     return json.loads((output_dir / "log.txt").read_text().splitlines()[-1])
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("variant", ["compile", "bn_head"])
+def test_one_process_nccl_ddp_with_compile_or_the_sync_bn_head(variant, tiny_data, tmp_path):
+    # The DDP paths a plain GPU run does not take: the DDP-wrapped compiled student (DDP's
+    # bucket hooks around compiled graphs), and --use_bn_in_head, which a process group on
+    # CUDA turns into SyncBatchNorm. With one process, SyncBatchNorm's statistics are the
+    # plain BatchNorm's, so the run must train like a plain one (to kernel rounding).
+    extra = (["--compile", "true"] if variant == "compile" else ["--use_bn_in_head", "true"])
+    args = [*TINY, *extra, "--batch_size_per_gpu", "8", "--gradient_accumulation", "2",
+            "--epochs", "1", "--lr", "0.01", "--device", GPU, "--data_path", str(tiny_data),
+            "--use_fp16", "false", "--use_bf16", "true"]
+    timeout = COMPILE_TIMEOUT if variant == "compile" else TIMEOUT
+    plain, ddp = tmp_path / "plain", tmp_path / "ddp"
+    run([sys.executable, SCRIPT, *args, "--output_dir", str(plain)], _env(), timeout=timeout)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+         f"--master-port={_free_port()}", SCRIPT, *args, "--output_dir", str(ddp)],
+        {**_env(), "MASSL_FORCE_DDP": "1"}, timeout=timeout)
+    plain_entry, ddp_entry = epoch_log_entry(plain), epoch_log_entry(ddp)
+    assert len(ddp_entry.get("rank_fingerprints", [])) == 1, "no process group"
+    assert math.isfinite(ddp_entry["train_loss"])
+    assert ddp_entry["train_loss"] == pytest.approx(plain_entry["train_loss"], rel=2e-2)
+    a, b = load(plain / "checkpoint.pth"), load(ddp / "checkpoint.pth")
+    assert a["student"].keys() == b["student"].keys()  # SyncBatchNorm saves BatchNorm's keys
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in b["student"])
+    if variant == "bn_head":
+        assert any(k.endswith("running_mean") for k in b["student"])
+    assert all_finite(b["teacher"]) and all_finite(b["memory"])
+
+
+# --------------------------------------------------------------------------- the lean step
+
+
+def gpu_trainer(*extra: str):
+    from main_massl import check_args, get_args_parser
+    from trainer import MaSSLTrainer
+    args = get_args_parser().parse_args([*TINY, "--data_path", "unused", "--device", GPU,
+                                         "--batch_size_per_gpu", "8", "--use_fp16", "false",
+                                         "--use_bf16", "true", *extra])
+    check_args(args, 1)
+    env = utils.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(GPU))
+    return MaSSLTrainer(args, env, steps_per_epoch=10, log=lambda message: None)
+
+
+def gpu_crops(seed: int, size: int = 16, local: int = 8, n_local: int = 2, batch: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    return [t.to(GPU) for t in [torch.randn(batch, 3, size, size, generator=g) for _ in range(2)]
+            + [torch.randn(batch, 3, local, local, generator=g) for _ in range(n_local)]]
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_the_non_monitored_step_syncs_with_the_host_only_in_its_check():
+    """train_step(monitor=False), main_massl.py's step between logging steps: no host sync
+    from its forward, loss, memory update, backward, clipping, AdamW or EMA (CUDA's sync
+    debug mode reports each one with the Python line that caused it); only the check after
+    the update is queued. And it trains as the monitored step does."""
+    import inspect
+    import warnings
+    import trainer as trainer_module
+    # no drop-path: the two trainers share the global RNG, drawn in turn
+    flags = ("--clip_grad", "3", "--drop_path_rate", "0")
+    a, b = gpu_trainer(*flags), gpu_trainer(*flags)
+    a.train_step([gpu_crops(0)])  # first step: lazy allocations, optimizer state
+    b.train_step([gpu_crops(0)], monitor=True)
+    lines, first = inspect.getsourcelines(trainer_module.MaSSLTrainer._check_step)
+    allowed = range(first, first + len(lines))
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            metrics = a.train_step([gpu_crops(1)])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    outside = [(Path(w.filename).name, w.lineno) for w in syncs
+               if not (Path(w.filename).name == "trainer.py" and w.lineno in allowed)]
+    assert not outside, outside
+    assert math.isfinite(metrics["loss"])
+    monitored = b.train_step([gpu_crops(1)], monitor=True)
+    assert monitored["loss"] == pytest.approx(metrics["loss"], rel=1e-3)
+    for pa, pb in zip(a.teacher.parameters(), b.teacher.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_the_loss_at_the_reference_shapes_against_float64():
+    """B=64, 12 crops, D=256, K=131072 in blocks of 16384 (the paper's): ours in float32
+    (IEEE) and with TF32 logits (--tf32_logits, the default) against the naive loss in
+    float64, within the bound docs/method.md states for TF32."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_loss import naive_massl_loss
+    from massl_loss import MaSSLLoss
+    g = torch.Generator(device=GPU).manual_seed(0)
+    B, V, D, K, P = 64, 12, 256, 131072, 16384
+    student = torch.nn.functional.normalize(torch.randn(V * B, D, device=GPU, generator=g), dim=1)
+    teacher = torch.nn.functional.normalize(torch.randn(2 * B, D, device=GPU, generator=g), dim=1)
+    memory = torch.nn.functional.normalize(torch.randn(K, D, device=GPU, generator=g), dim=1)
+    perm = torch.randperm(K, device=GPU, generator=g)
+    s64 = student.double().requires_grad_(True)
+    with full_fp32():
+        exact = naive_massl_loss(s64, teacher.double(), memory.double(), P, 0.1, 0.04, perm=perm)
+    exact.backward()
+    for tf32, loss_rel, grad_rel in ((False, 1e-5, 1e-4), (True, 5e-4, 3e-3)):
+        z = student.clone().requires_grad_(True)
+        with full_fp32():  # TF32 only where the loss itself turns it on
+            loss = MaSSLLoss(P, student_temp=0.1, tf32=tf32)(z, teacher, memory, 0.04, perm=perm)
+            loss.backward()
+        assert abs(loss.item() - exact.item()) / exact.item() < loss_rel, tf32
+        err = ((z.grad.double() - s64.grad).norm() / s64.grad.norm()).item()
+        assert err < grad_rel, (tf32, err)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_a_vit_small_step_at_the_reference_shapes():
+    """ViT-S/16 (head dim 64, SDPA) on 2x224 + 10x96 crops, memory 131072 in blocks of 16384,
+    bf16: one step is finite, advances the memory and moves the teacher (batch 16 to keep the
+    test's memory small; the benchmarks time batch 64)."""
+    trainer = gpu_trainer("--arch", "vit_small", "--patch_size", "16",
+                          "--global_crops_size", "224", "--local_crops_size", "96",
+                          "--local_crops_number", "10", "--out_dim", "131072",
+                          "--partition_size", "16384", "--bottleneck_dim", "256",
+                          "--batch_size_per_gpu", "16")
+    assert trainer.student.backbone.blocks[0].attn.head_dim == 64
+    before = next(trainer.teacher.parameters()).detach().clone()
+    for seed in range(2):
+        metrics = trainer.train_step([gpu_crops(seed, 224, 96, 10, 16)])
+        assert math.isfinite(metrics["loss"]), metrics
+    assert int(trainer.memory.ptr) == 32
+    assert not torch.equal(before, next(trainer.teacher.parameters()))
 
 
 # --------------------------------------------------------------------------- evaluation, hub

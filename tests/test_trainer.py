@@ -223,3 +223,99 @@ def test_checkpoint_in_the_pre_trainer_layout_resumes_exactly(fmnist_folder, tmp
     assert [e["epoch"] for e in logs[1]] == [2]
     for key in ("train_loss", "train_massl", "train_lr", "train_teacher_temp"):
         assert logs[1][-1][key] == pytest.approx(logs[0][-1][key], rel=1e-6), key
+
+
+# --------------------------------------------------------------------------- the lean step
+
+
+def test_clip_gradients_equals_the_per_tensor_loop():
+    """The foreach clipping against DINO's loop as this project wrote it before (literal)."""
+    from trainer import clip_gradients
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (1,), (6, 6)]
+    scales = [0.01, 10.0, 1.0, 100.0, 0.5]  # some tensors below max_norm, some above
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p, scale in zip(params, scales):
+        p.grad = torch.randn(p.shape, generator=g) * scale
+    expected = [p.grad.clone() for p in params]
+    n_clipped = 0
+    for grad in expected:  # the old implementation, literally
+        norm = torch._foreach_norm([grad])[0]
+        n_clipped += int(3.0 / (norm + 1e-6) < 1)
+        grad.mul_(torch.clamp(3.0 / (norm + 1e-6), max=1.0))
+    assert 0 < n_clipped < len(params)
+    stats = clip_gradients(params, 3.0, stats=True)
+    for p, e in zip(params, expected):
+        assert torch.equal(p.grad, e)
+        assert p.grad.norm() <= 3.0 + 1e-5  # DINO's bound, per tensor
+    assert stats[1] == n_clipped
+
+
+def test_nonfinite_loss_raises_after_its_step_naming_it():
+    trainer = make_trainer()
+    real = trainer.criterion.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    trainer.criterion.forward = poisoned
+    trainer.train_step([crops(0)])
+    with pytest.raises(main_massl.NonFiniteLossError,
+                       match=r"global step 2\): loss=nan, massl=nan; the last good checkpoint"):
+        trainer.train_step([crops(1)])
+    assert trainer.global_step == 1  # the step that failed is not counted as done
+
+
+# --------------------------------------------------------------------------- background checkpoints
+
+
+def test_background_checkpoint_is_the_state_at_save_time(tmp_path):
+    """The write goes on while training changes the weights: the file holds the state of
+    the moment save_checkpoint returned (a CPU copy), exactly what a synchronous save holds."""
+    trainer = make_trainer()
+    trainer.train_step([crops(0)])
+    sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
+    sync_dir.mkdir(), async_dir.mkdir()
+    main_massl.save_checkpoint(trainer, sync_dir, 0, 1, {})
+    writer, done = utils.BackgroundWriter(), []
+    main_massl.save_checkpoint(trainer, async_dir, 0, 1, {}, numbered=True, writer=writer,
+                               then=lambda: done.append((async_dir / "checkpoint.pth").exists()))
+    trainer.train_step([crops(1)])  # changes weights, memory and optimizer state in place
+    writer.wait()
+    assert done == [True]  # ``then`` ran after the file was in place
+    a = torch.load(sync_dir / "checkpoint.pth", weights_only=True)
+    for name in ("checkpoint.pth", "checkpoint0000.pth"):
+        b = torch.load(async_dir / name, weights_only=True)
+        for part in ("student", "teacher", "memory"):
+            for key in a[part]:
+                assert torch.equal(a[part][key], b[part][key]), (part, key)
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+        for i, s in a["optimizer"]["state"].items():
+            for key in s:
+                assert torch.equal(s[key], b["optimizer"]["state"][i][key]), (i, key)
+        assert (b["epoch"], b["iteration"], b["global_step"]) == (0, 1, 1)
+    assert not list(async_dir.glob(".*.tmp"))
+
+
+def test_background_writer_runs_jobs_in_order_and_reports_errors(tmp_path):
+    import threading
+    writer, order, release = utils.BackgroundWriter(), [], threading.Event()
+    writer.submit(lambda: (release.wait(10), order.append(1)))
+    threading.Timer(0.2, release.set).start()
+    writer.submit(lambda: order.append(2))  # waits for the first job
+    writer.wait()
+    assert order == [1, 2]
+
+    # A failed write: the error surfaces in the caller's thread at the next wait, and the
+    # atomic rename leaves the previous file as it was.
+    path = tmp_path / "checkpoint.pth"
+    utils.save_atomic({"good": torch.ones(2)}, path)
+    writer.submit(lambda: utils.save_atomic({"bad": lambda: None}, path))  # cannot pickle
+    with pytest.raises(Exception, match="pickle|lambda"):
+        writer.wait()
+    writer.wait()  # reported once
+    assert torch.equal(torch.load(path, weights_only=True)["good"], torch.ones(2))
+    assert not list(tmp_path.glob(".*.tmp"))
