@@ -395,7 +395,7 @@ def _defer_stop_signal(signum: int, frame: Any) -> None:
 
 
 def _defer_stop_signals(worker_id: int) -> None:
-    """Data-worker init: leave SIGTERM/SIGUSR1 to the training process.
+    """Data-worker init: leave SIGTERM/SIGUSR1/SIGINT to the training process.
 
     SLURM signals every process of the job at once. A worker that died at once would make the
     training process fail ("DataLoader worker exited unexpectedly") before it could save, so
@@ -406,7 +406,7 @@ def _defer_stop_signals(worker_id: int) -> None:
     """
     if not hasattr(signal, "alarm"):  # Windows: no SIGUSR1/SIGALRM; keep the defaults
         return
-    for name in ("SIGTERM", "SIGUSR1"):
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):  # Ctrl-C reaches the workers too
         signal.signal(getattr(signal, name), _defer_stop_signal)
 
 

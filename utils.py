@@ -533,8 +533,10 @@ class FolderLock:
 
     ``flock`` on ``FOLDER/.lock``, which records the holder's host and pid. The kernel drops
     the lock when the holder dies (also on SIGKILL), so a crashed run never leaves a stale
-    lock behind; forked children (data workers) share it until they exit too. Filesystems
-    without ``flock`` get a warning and no lock.
+    lock behind. Forked children (data workers) close their copy of the descriptor at once
+    (``_close_inherited_locks``): otherwise a killed run's workers, which wind down seconds
+    later, would hold the lock and refuse the restart. Filesystems without ``flock`` get a
+    warning and no lock.
     """
 
     NAME = ".lock"
@@ -567,11 +569,32 @@ class FolderLock:
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {started}\n"
                  .encode())
         self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_LOCK_FDS.discard(self._fd)
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+# Descriptors of the FolderLocks this process holds.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: close the inherited lock descriptors (not unlock: LOCK_UN would free
+    the parent's lock too). The lock then lives exactly as long as the process that took it."""
+    for fd in _HELD_LOCK_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 # --------------------------------------------------------------------------- images

@@ -659,3 +659,27 @@ def test_dist_timeout_setting(monkeypatch):
         monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
         with pytest.raises(utils.UserError, match=DIST_TIMEOUT_ENV):
             utils.dist_timeout_s()
+
+
+def test_a_killed_holders_forked_children_do_not_keep_the_lock(tmp_path):
+    """SIGKILL of a run whose data workers live on for seconds: the folder is free at once."""
+    script = (
+        "import os, signal, sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import utils\n"
+        f"utils.FolderLock({str(tmp_path)!r}).acquire()\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print('locked', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.wait(30)
+        lock = utils.FolderLock(tmp_path)
+        lock.acquire()  # would raise "in use by another run" while the child held the lock
+        lock.release()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
