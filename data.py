@@ -27,6 +27,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
+import images
 import utils
 from device_augment import DeviceMultiCrop, MultiCropPlan, collate_plans
 
@@ -36,16 +37,6 @@ MAX_CONSECUTIVE_BAD_IMAGES = 100
 MAX_STARTUP_PROBES = 100
 
 
-def mix_seed(*values: int) -> int:
-    """A well-mixed 64-bit seed from integers (splitmix64 chained), cheap enough per image."""
-    mask = (1 << 64) - 1
-    x = 0
-    for v in values:
-        x = (x + (v & mask) + 0x9E3779B97F4A7C15) & mask
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
-        x ^= x >> 31
-    return x
 
 
 class RandomGaussianBlur:
@@ -159,14 +150,14 @@ class DataAugmentationMaSSL:
 
 
 def _image_files(folder: str, seen: set[str] | None = None) -> list[str]:
-    """Image files under ``folder``, recursively, in sorted order (``utils.iter_image_files``:
+    """Image files under ``folder``, recursively, in sorted order (``images.iter_image_files``:
     links followed, each real folder once, so symlink loops neither repeat nor hang)."""
-    return list(utils.iter_image_files(folder, seen))
+    return list(images.iter_image_files(folder, seen))
 
 
 def _has_image(folder: str, outside: str) -> bool:
     """Whether ``folder`` holds an image, never looking back into ``outside`` (the data root)."""
-    return next(utils.iter_image_files(folder, {os.path.realpath(outside)}), None) is not None
+    return next(images.iter_image_files(folder, {os.path.realpath(outside)}), None) is not None
 
 
 def _is_within(path: str, folder: str) -> bool:
@@ -202,10 +193,10 @@ class PretrainDataset(Dataset):
         for attempt in range(MAX_CONSECUTIVE_BAD_IMAGES):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                return utils.load_rgb_image(path), label
-            except utils.BadImageError as e:
+                return images.load_rgb_image(path), label
+            except images.BadImageError as e:
                 if not self.skip_bad_images:
-                    raise utils.BadImageError(
+                    raise images.BadImageError(
                         f"{e} (--skip_bad_images true skips unreadable images)") from None
                 if path not in self._warned:
                     self._warned.add(path)
@@ -235,7 +226,7 @@ def build_pretrain_dataset(data_path: str, transform: Callable | None,
     (recursively) is a sample with label 0. Symbolic links are followed, each real folder
     once. Files are listed, not opened, except the first few to prove the data is readable.
     Raises ``utils.UserError`` for a missing or empty folder or an evaluation layout
-    (``train/`` and ``val/`` side by side), ``utils.BadImageError`` naming an unreadable
+    (``train/`` and ``val/`` side by side), ``images.BadImageError`` naming an unreadable
     first image.
     """
     root = os.path.expanduser(str(data_path))
@@ -257,7 +248,7 @@ def build_pretrain_dataset(data_path: str, transform: Callable | None,
         seen = {real_root}  # an image reachable through several links is listed once
         samples = [(path, label) for label, name in enumerate(classes)
                    for path in _image_files(os.path.join(root, name), seen)]
-        loose = [f for f in os.listdir(root) if utils.is_image_file(f)]
+        loose = [f for f in os.listdir(root) if images.is_image_file(f)]
         if loose:
             print(f"warning: {len(loose)} images directly in {root} are outside the class "
                   "folders and are not used", file=sys.stderr, flush=True)
@@ -266,7 +257,7 @@ def build_pretrain_dataset(data_path: str, transform: Callable | None,
     if not samples:
         raise utils.UserError(
             f"no images found in {root} (looked recursively for "
-            f"{', '.join(utils.IMAGE_EXTENSIONS)} files)")
+            f"{', '.join(images.IMAGE_EXTENSIONS)} files)")
     dataset = PretrainDataset(root, samples, classes, transform, skip_bad_images)
     _check_some_image_readable(dataset)
     return dataset
@@ -276,11 +267,11 @@ def _check_some_image_readable(dataset: PretrainDataset) -> None:
     errors = []
     for path, _ in dataset.samples[:MAX_STARTUP_PROBES]:
         try:
-            utils.load_rgb_image(path)
+            images.load_rgb_image(path)
             return
-        except utils.BadImageError as e:
+        except images.BadImageError as e:
             if not dataset.skip_bad_images:
-                raise utils.BadImageError(
+                raise images.BadImageError(
                     f"{e} (--skip_bad_images true skips unreadable images)") from None
             errors.append(e)
     raise utils.UserError(
@@ -317,7 +308,7 @@ class PretrainSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = list(super().__iter__())[self.start:self.stop]
-        return ((mix_seed(self.seed, 1, self.epoch, index), index) for index in order)
+        return ((utils.mix_seed(self.seed, 1, self.epoch, index), index) for index in order)
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -377,7 +368,7 @@ def build_training_data(args: argparse.Namespace, dataset: PretrainDataset, worl
                               samples_per_epoch=steps_per_epoch * accum * B, step_samples=accum * B)
     device_side = isinstance(dataset.transform, MultiCropPlan)
     loader = build_loader(dataset, sampler, B, args.num_workers, device,
-                          seed=mix_seed(args.seed, 3, rank),
+                          seed=utils.mix_seed(args.seed, 3, rank),
                           collate_fn=collate_plans if device_side else None)
     augment = (DeviceMultiCrop(dataset.transform.crop_sizes, utils.IMAGENET_MEAN,
                                utils.IMAGENET_STD, device) if device_side else None)

@@ -34,6 +34,7 @@ import argparse
 import numpy as np
 import torch
 
+import distributed
 import utils
 from evaluation import (SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args, check_eval_args,
                         eval_args_parser, finish_run, print_table, run_as_script, start_run,
@@ -153,7 +154,7 @@ def kmeans(x: torch.Tensor, k: int, max_iter: int, generator: torch.Generator
 
 
 def best_of_restarts(x: torch.Tensor, k: int, restarts: int, max_iter: int, seed: int,
-                     env: utils.DistEnv) -> dict:
+                     env: distributed.DistEnv) -> dict:
     """``restarts`` seeded runs, spread round-robin over the ranks; the lowest inertia wins
     (ties: the lower restart number). Returns the winner's centroids on every rank."""
     mine = []
@@ -162,7 +163,7 @@ def best_of_restarts(x: torch.Tensor, k: int, restarts: int, max_iter: int, seed
         centroids, _, inertia, iterations = kmeans(x, k, max_iter, generator)
         mine.append({"restart": restart, "inertia": inertia, "iterations": iterations,
                      "centroids": centroids.cpu()})
-    runs = [run for part in utils.gather_objects(mine) for run in part]
+    runs = [run for part in distributed.gather_objects(mine) for run in part]
     return min(runs, key=lambda run: (run["inertia"], run["restart"]))
 
 

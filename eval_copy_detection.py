@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+import distributed
+import images
 import utils
 from evaluation import (add_feature_file_args, build_eval_backbone, check_eval_args,
                         describe_backbone, dump_features, eval_args_parser, extract_features,
@@ -176,7 +178,7 @@ def read_copydays(data_path: str | None) -> Copydays:
 
 
 def image_files(folder: str) -> list[Path]:
-    files = sorted(Path(p) for p in utils.iter_image_files(folder))
+    files = sorted(Path(p) for p in images.iter_image_files(folder))
     if not files:
         raise utils.UserError(f"no image in {folder}")
     return files
@@ -196,7 +198,7 @@ class ImageList(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(utils.load_rgb_image(str(self.paths[index]))), index
+        return self.transform(images.load_rgb_image(str(self.paths[index]))), index
 
 
 # --------------------------------------------------------------------------- features
@@ -227,7 +229,7 @@ def learn_whitening(features: torch.Tensor, eps_ratio: float = 1e-5
     return mean.float(), projection.float()
 
 
-def copydays_features(args: argparse.Namespace, env: utils.DistEnv, data: Copydays
+def copydays_features(args: argparse.Namespace, env: distributed.DistEnv, data: Copydays
                       ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(database, queries) features, whitened if asked, L2-normalised; extracted once across
     ranks, or read back from ``--load_features``."""

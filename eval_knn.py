@@ -28,7 +28,6 @@ import argparse
 
 import torch
 
-import utils
 from evaluation import (add_backbone_and_data_args, add_feature_file_args, check_eval_args,
                         effective_ks, finish_run, knn_classifier, run_as_script, start_run,
                         train_val_features)

@@ -43,6 +43,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from torchvision import transforms
 
+import distributed
+import storage
 import utils
 import vision_transformer as vits
 from evaluation import (add_backbone_and_data_args, backbone_identity, build_eval_backbone,
@@ -156,7 +158,7 @@ def train_one_epoch(head: nn.Module, featurize: Callable[[torch.Tensor], torch.T
     head.train()
     criterion = nn.CrossEntropyLoss()
     total, steps = 0.0, 0
-    world_size = utils.get_world_size()
+    world_size = distributed.get_world_size()
     for inputs, labels in loader:
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = head(featurize(inputs))
@@ -168,7 +170,7 @@ def train_one_epoch(head: nn.Module, featurize: Callable[[torch.Tensor], torch.T
         steps += 1
         if progress is not None:
             progress.update(len(labels) * world_size)
-    return utils.all_reduce_mean(total / max(steps, 1), device)
+    return distributed.all_reduce_mean(total / max(steps, 1), device)
 
 
 @torch.no_grad()
@@ -178,7 +180,7 @@ def evaluate(head: nn.Module, featurize: Callable[[torch.Tensor], torch.Tensor],
     """Top-1 and top-min(5, classes) accuracy (percent) over the whole ``dataset``, each
     image counted exactly once: ranks take contiguous unpadded shards and sum their counts."""
     head.eval()
-    shard = Subset(dataset, list(shard_range(len(dataset), utils.get_rank(), utils.get_world_size())))
+    shard = Subset(dataset, list(shard_range(len(dataset), distributed.get_rank(), distributed.get_world_size())))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     top_n = min(5, num_classes)
@@ -190,7 +192,7 @@ def evaluate(head: nn.Module, featurize: Callable[[torch.Tensor], torch.Tensor],
         counts[0] += hits[:, 0].sum()
         counts[1] += hits.sum()
         counts[2] += len(labels)
-    if utils.is_dist():
+    if distributed.is_dist():
         dist.all_reduce(counts)
     return (100.0 * counts[0] / counts[2]).item(), (100.0 * counts[1] / counts[2]).item()
 
@@ -237,7 +239,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.lr > 0:  # also refuses nan
         problems.append(f"--lr must be > 0, got {args.lr}")
     check_common_args(args, problems)
-    utils.check_writable_dir(args.output_dir)
+    storage.check_writable_dir(args.output_dir)
 
 
 def main(args: argparse.Namespace) -> dict | None:
@@ -245,7 +247,7 @@ def main(args: argparse.Namespace) -> dict | None:
     check_args(args)
     lock_output_dir(args.output_dir)
     args.num_workers = usable_workers(args.num_workers)
-    env = utils.init_distributed(device=args.device)
+    env = distributed.init_distributed(device=args.device)
     device = env.device
     output_dir = Path(args.output_dir)
 
@@ -375,15 +377,15 @@ def main(args: argparse.Namespace) -> dict | None:
                      "scheduler": scheduler.state_dict(), "best_top1": best_top1, "val": last_val,
                      "classes": list(train_set.classes), "settings": settings,
                      "args": {k: v for k, v in vars(args).items()}}
-            utils.save_atomic(state, last_path)
+            storage.save_atomic(state, last_path)
             if improved:
-                utils.save_atomic(state, output_dir / BEST_HEAD)
+                storage.save_atomic(state, output_dir / BEST_HEAD)
             line = f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  lr {epoch_lr:.3g}"
             if "val_top1" in log:
                 line += (f"  val top-1 {log['val_top1']:.2f}  top-{min(5, num_classes)} "
                          f"{log['val_top5']:.2f}  (best top-1 {best_top1:.2f})")
             print(line, flush=True)
-            utils.append_line(output_dir / LOG_FILE, json.dumps(log))
+            storage.append_line(output_dir / LOG_FILE, json.dumps(log))
 
     if last_val is None or last_val.get("epoch") != args.epochs:  # e.g. resumed a finished run
         top1, top5 = evaluate(head, featurize, val_data, num_workers=loader_workers, **eval_kwargs)
@@ -406,10 +408,10 @@ def _finish(results: dict, output_dir: Path, is_main: bool) -> dict | None:
         top_n = results["top5_is_top"]
         print(f"\nlinear probe: top-1 {results['top1']:.2f}  top-{top_n} {results['top5']:.2f}"
               + (f"  (best top-1 {results['best_top1']:.2f})" if "best_top1" in results else ""))
-        utils.write_json(results, output_dir / "linear_results.json")
+        storage.write_json(results, output_dir / "linear_results.json")
         print(f"results written to {output_dir / 'linear_results.json'}", flush=True)
-    utils.barrier()
-    utils.cleanup_distributed()
+    distributed.barrier()
+    distributed.cleanup_distributed()
     unlock_output_dir(output_dir)
     return results if is_main else None
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import distributed
 import utils
 from evaluation import (TrainValFeatures, add_feature_file_args, check_eval_args, class_counts,
                         class_name, eval_args_parser, finish_run, print_table, run_as_script,
@@ -250,7 +251,7 @@ def run_job(features: TrainValFeatures, setting: Setting, split: int, args: argp
 
 
 def run_jobs(features: TrainValFeatures, settings: list[Setting], args: argparse.Namespace,
-             env: utils.DistEnv) -> list[dict]:
+             env: distributed.DistEnv) -> list[dict]:
     """Every (split, setting) once, round-robin over the ranks, gathered on every rank.
 
     A job's result does not depend on the rank that runs it (its subset is seeded by the
@@ -258,7 +259,7 @@ def run_jobs(features: TrainValFeatures, settings: list[Setting], args: argparse
     jobs = [(split, setting) for split in range(args.splits) for setting in settings]
     mine = [run_job(features, setting, split, args, env.device)
             for i, (split, setting) in enumerate(jobs) if i % env.world_size == env.rank]
-    return [result for part in utils.gather_objects(mine) for result in part]
+    return [result for part in distributed.gather_objects(mine) for result in part]
 
 
 def summarise(done: list[dict], settings: list[Setting], splits: int) -> dict:

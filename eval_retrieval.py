@@ -53,6 +53,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+import distributed
+import images
 import utils
 import vision_transformer as vits
 from evaluation import (DUMP_IDENTITY, SIMILARITY_ELEMENTS_PER_CHUNK, add_feature_file_args,
@@ -289,7 +291,7 @@ class RevisitedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = utils.load_rgb_image(str(self.paths[index]))
+        image = images.load_rgb_image(str(self.paths[index]))
         if self.boxes is not None:
             image = image.crop(tuple(int(round(float(v))) for v in self.boxes[index]))
         image.thumbnail((self.imsize, self.imsize), Image.LANCZOS)
@@ -313,7 +315,7 @@ def multiscale_featurizer(model: nn.Module, scales: tuple[float, ...], multiple:
     return featurize
 
 
-def revisited_features(args: argparse.Namespace, env: utils.DistEnv, gt: dict, image_dir: Path
+def revisited_features(args: argparse.Namespace, env: distributed.DistEnv, gt: dict, image_dir: Path
                        ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(database, query) features, L2-normalised: loaded, or extracted once across ranks."""
     if args.load_features:

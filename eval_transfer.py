@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+import distributed
+import storage
 import utils
 from eval_lowshot import DEFAULT_L2_GRID, Setting, logistic_regression_problems, run_job
 from evaluation import (check_eval_args, effective_ks, eval_args_parser, finish_run,
@@ -116,7 +118,7 @@ def saved_row(path: Path, settings: dict) -> dict | None:
     return saved["row"]
 
 
-def evaluate_dataset(args: argparse.Namespace, env: utils.DistEnv, folder: str, cache: Path
+def evaluate_dataset(args: argparse.Namespace, env: distributed.DistEnv, folder: str, cache: Path
                      ) -> dict | None:
     """k-NN and linear top-1 on one dataset (the row on rank 0, None elsewhere)."""
     run = copy.copy(args)
@@ -162,7 +164,7 @@ def main(args: argparse.Namespace) -> dict | None:
                 print(f"\n=== {name} ({folder})", flush=True)
             row = evaluate_dataset(args, env, folder, output_dir / "transfer" / name / "features")
             if env.is_main:
-                utils.write_json({"settings": settings, "row": row}, row_file)
+                storage.write_json({"settings": settings, "row": row}, row_file)
                 print(f"{name}: k-NN top-1 {row['knn_top1']:.2f}  linear top-1 "
                       f"{row['linear_top1']:.2f}", flush=True)
         rows.append(row)
@@ -176,7 +178,7 @@ def main(args: argparse.Namespace) -> dict | None:
         print_table(["dataset", "k-NN", "linear"],
                     [[r["dataset"], r["knn_top1"], r["linear_top1"]] for r in rows]
                     + [["mean", mean["knn_top1"], mean["linear_top1"]]])
-        with utils.atomic_path(output_dir / TABLE_FILE) as tmp:
+        with storage.atomic_path(output_dir / TABLE_FILE) as tmp:
             tmp.write_text(markdown_table(rows, mean))
         print(f"table written to {output_dir / TABLE_FILE}")
     finish_run(results, output_dir, RESULTS_FILE)

@@ -27,6 +27,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
+import checkpoints
+import distributed
+import images
+import storage
 import utils
 import vision_transformer as vits
 
@@ -102,8 +106,8 @@ def check_common_args(args: argparse.Namespace, problems: list[str]) -> None:
         problems.append("--num_workers must be >= 0")
     if utils.seed_problem(args.seed):
         problems.append(utils.seed_problem(args.seed))
-    if args.pretrained_weights and utils.pretrained_path_problem(args.pretrained_weights):
-        problems.append(utils.pretrained_path_problem(args.pretrained_weights))
+    if args.pretrained_weights and checkpoints.pretrained_path_problem(args.pretrained_weights):
+        problems.append(checkpoints.pretrained_path_problem(args.pretrained_weights))
     problems += [f"--{name} {value}: must be a finite number" for name, value in sorted(vars(args).items())
                  if isinstance(value, float) and not math.isfinite(value)]
     if problems:
@@ -125,10 +129,10 @@ def eval_transform(resize_size: int, crop_size: int) -> transforms.Compose:
 
 
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder listing files by the training rule (``utils.iter_image_files``):
-    images by ``utils.is_image_file`` (no macOS ``._x.png``), dot-folders skipped (neither
+    """torchvision's ImageFolder listing files by the training rule (``images.iter_image_files``):
+    images by ``images.is_image_file`` (no macOS ``._x.png``), dot-folders skipped (neither
     classes nor searched), links followed but each real folder of a class once (no symlink
-    loop). Samples in torchvision's order; images loaded by ``utils.load_rgb_image``."""
+    loop). Samples in torchvision's order; images loaded by ``images.load_rgb_image``."""
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
         classes = sorted(e.name for e in os.scandir(directory)
@@ -142,10 +146,10 @@ class ImageFolder(datasets.ImageFolder):
                      extensions: tuple[str, ...] | None = None,
                      is_valid_file: Callable[[str], bool] | None = None,
                      allow_empty: bool = False) -> list[tuple[str, int]]:
-        # ``extensions``/``is_valid_file`` are ignored: utils.is_image_file is the one rule.
+        # ``extensions``/``is_valid_file`` are ignored: images.is_image_file is the one rule.
         samples, empty = [], []
         for name in sorted(class_to_idx):
-            files = utils.iter_image_files(os.path.join(directory, name),
+            files = images.iter_image_files(os.path.join(directory, name),
                                            {os.path.realpath(directory)})
             found = sorted(files, key=lambda p: (os.path.dirname(p), os.path.basename(p)))
             samples.extend((path, class_to_idx[name]) for path in found)
@@ -161,7 +165,7 @@ def _image_folder(root: Path, transform: Callable) -> datasets.ImageFolder:
         raise utils.UserError(f"no folder {root}: the dataset must be laid out as "
                               f"{root.parent}/train/<class>/* and {root.parent}/val/<class>/*")
     try:
-        return ImageFolder(str(root), transform=transform, loader=utils.load_rgb_image)
+        return ImageFolder(str(root), transform=transform, loader=images.load_rgb_image)
     except FileNotFoundError as e:
         raise utils.UserError(f"no images in {root}: expected {root}/<class>/<image> files "
                               f"({utils.user_error_message(e)})") from e
@@ -214,7 +218,7 @@ def build_eval_backbone(pretrained_weights: str, checkpoint_key: str, arch: str 
                         ) -> tuple[nn.Module, int, dict]:
     """The frozen backbone to evaluate: from a checkpoint, or random (same on every rank)."""
     if pretrained_weights:
-        model, feature_dim, info = utils.build_backbone_from_checkpoint(
+        model, feature_dim, info = checkpoints.build_backbone_from_checkpoint(
             pretrained_weights, arch=arch, patch_size=patch_size, checkpoint_key=checkpoint_key)
     else:
         arch, patch_size = arch or "vit_small", patch_size or 16
@@ -225,9 +229,9 @@ def build_eval_backbone(pretrained_weights: str, checkpoint_key: str, arch: str 
             raise utils.UserError(str(e)) from e
         info = {"path": None, "checkpoint_key": None, "arch": arch, "patch_size": patch_size,
                 "img_size": crop_size, "feature_dim": feature_dim,
-                "weights_sha256": utils.state_dict_sha256(model.state_dict()), "args": None,
+                "weights_sha256": checkpoints.state_dict_sha256(model.state_dict()), "args": None,
                 "notes": [f"seed {seed}"]}
-        if utils.is_main_process():
+        if distributed.is_main_process():
             print(f"WARNING: no --pretrained_weights: evaluating a RANDOMLY INITIALISED {arch} "
                   f"(patch {patch_size}). This is a baseline, not a trained model.",
                   file=sys.stderr, flush=True)
@@ -281,7 +285,7 @@ class Progress:
                  clock: Callable[[], float] = time.monotonic, enabled: bool | None = None) -> None:
         self.label, self.total, self.clock = label, total, clock
         self.interval = PROGRESS_INTERVAL_S if interval is None else interval
-        self.enabled = utils.is_main_process() if enabled is None else enabled
+        self.enabled = distributed.is_main_process() if enabled is None else enabled
         self.done = 0
         self.start = self.last = clock()
 
@@ -321,11 +325,11 @@ def gather_in_order(local: torch.Tensor, num_items: int, out_device: torch.devic
     land on ``out_device`` (default: where ``local`` is).
     """
     out_device = torch.device(out_device) if out_device is not None else local.device
-    if not utils.is_dist():
+    if not distributed.is_dist():
         return local.to(out_device)
-    world_size = utils.get_world_size()
+    world_size = distributed.get_world_size()
     sizes = [len(shard_range(num_items, r, world_size)) for r in range(world_size)]
-    assert local.shape[0] == sizes[utils.get_rank()], "local rows must be this rank's shard"
+    assert local.shape[0] == sizes[distributed.get_rank()], "local rows must be this rank's shard"
     max_rows = max(sizes)
     padded = local.new_zeros((max_rows, *local.shape[1:]))
     padded[:local.shape[0]] = local
@@ -354,15 +358,15 @@ def extract_features(featurize: Callable[[torch.Tensor], torch.Tensor], dataset:
     seconds; the images done are rank 0's times the number of ranks (shards are equal to
     within one image)."""
     num_items = len(dataset)
-    world_size = utils.get_world_size()
-    shard = Subset(dataset, list(shard_range(num_items, utils.get_rank(), world_size)))
+    world_size = distributed.get_world_size()
+    shard = Subset(dataset, list(shard_range(num_items, distributed.get_rank(), world_size)))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", drop_last=False, generator=generator)
     progress = Progress(progress_label, num_items)
     chunks = [torch.empty(0, feature_dim, device=device)]
-    for images, _ in loader:
-        chunks.append(featurize(images.to(device, non_blocking=True)).float())
-        progress.update(len(images) * world_size)
+    for batch, _ in loader:
+        chunks.append(featurize(batch.to(device, non_blocking=True)).float())
+        progress.update(len(batch) * world_size)
     return gather_in_order(torch.cat(chunks), num_items, out_device)
 
 
@@ -419,7 +423,7 @@ def effective_ks(requested: list[int], num_train: int) -> list[int]:
         if k < 1:
             raise utils.UserError(f"--nb_knn values must be >= 1, got {k}")
         if k > num_train:
-            if utils.is_main_process():
+            if distributed.is_main_process():
                 print(f"warning: k={k} is larger than the train set ({num_train} images); "
                       f"using k={num_train}", file=sys.stderr, flush=True)
             k = num_train
@@ -440,9 +444,9 @@ def dump_features(folder: Path, train_features: torch.Tensor, val_features: torc
     replaced or mixed with another dump's is refused by ``load_features``."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, tensor in zip(FEATURE_FILES, (train_features, val_features, train_labels, val_labels)):
-        utils.save_atomic(tensor.cpu(), folder / name)
-    files = {name: utils.file_sha256(folder / name) for name in FEATURE_FILES}
-    utils.write_json({**meta, "num_train": len(train_features), "num_val": len(val_features),
+        storage.save_atomic(tensor.cpu(), folder / name)
+    files = {name: checkpoints.file_sha256(folder / name) for name in FEATURE_FILES}
+    storage.write_json({**meta, "num_train": len(train_features), "num_val": len(val_features),
                       "files_sha256": files}, folder / FEATURE_META)
 
 
@@ -461,7 +465,7 @@ def load_features(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         raise utils.UserError(f"--load_features {folder}: {FEATURE_META} does not say which "
                               "files it describes (written by an older version?): dump the "
                               "features again with --dump_features")
-    changed = [name for name in FEATURE_FILES if recorded.get(name) != utils.file_sha256(folder / name)]
+    changed = [name for name in FEATURE_FILES if recorded.get(name) != checkpoints.file_sha256(folder / name)]
     if changed:
         raise utils.UserError(f"--load_features {folder}: {', '.join(changed)} are not the files "
                               f"{FEATURE_META} describes (replaced, or mixed from another dump): "
@@ -548,27 +552,27 @@ def check_eval_args(args: argparse.Namespace, problems: list[str]) -> None:
     """``check_common_args``, then the output folders (``--output_dir``, ``--dump_features``)
     created and proven writable: everything an eval_*.py script checks before any work."""
     check_common_args(args, problems)
-    utils.check_writable_dir(args.output_dir)
+    storage.check_writable_dir(args.output_dir)
     if args.dump_features:
-        utils.check_writable_dir(args.dump_features, "--dump_features")
+        storage.check_writable_dir(args.dump_features, "--dump_features")
 
 
 # Output folders this process holds locked (an evaluation run in-process that stopped on an
 # error leaves its lock here; the next run into that folder takes it over).
-_OUTPUT_LOCKS: dict[Path, utils.FolderLock] = {}
+_OUTPUT_LOCKS: dict[Path, storage.FolderLock] = {}
 
 
 def lock_output_dir(output_dir: str | os.PathLike) -> None:
-    """Rank 0 locks ``--output_dir`` with the lock training takes (``utils.FolderLock``): an
+    """Rank 0 locks ``--output_dir`` with the lock training takes (``storage.FolderLock``): an
     evaluation never runs into a folder where a training or another evaluation is running.
     Evaluations write their own files only (``*_results.json``, ``linear_log.txt``, heads),
     never a training's ``log.txt`` or checkpoints, so a finished training's folder is fine."""
-    if utils.rank_from_env() != 0:
+    if distributed.rank_from_env() != 0:
         return
     key = Path(output_dir).resolve()
     if key in _OUTPUT_LOCKS:
         _OUTPUT_LOCKS.pop(key).release()
-    lock = utils.FolderLock(output_dir)
+    lock = storage.FolderLock(output_dir)
     lock.acquire()
     _OUTPUT_LOCKS[key] = lock
 
@@ -579,12 +583,12 @@ def unlock_output_dir(output_dir: str | os.PathLike) -> None:
         lock.release()
 
 
-def start_run(args: argparse.Namespace) -> tuple[utils.DistEnv, Path]:
+def start_run(args: argparse.Namespace) -> tuple[distributed.DistEnv, Path]:
     """Output folder locked (``lock_output_dir``), worker cap and process group (torchrun or
     none), once the flags are checked."""
     lock_output_dir(args.output_dir)
     args.num_workers = usable_workers(args.num_workers)
-    env = utils.init_distributed(device=args.device)
+    env = distributed.init_distributed(device=args.device)
     return env, Path(args.output_dir)
 
 
@@ -592,10 +596,10 @@ def finish_run(results: dict | None, output_dir: Path, file_name: str) -> None:
     """Write ``results`` (rank 0) as JSON, then wait for every rank, leave the group and
     release the output folder."""
     if results is not None:
-        utils.write_json(results, output_dir / file_name)
+        storage.write_json(results, output_dir / file_name)
         print(f"results written to {output_dir / file_name}", flush=True)
-    utils.barrier()
-    utils.cleanup_distributed()
+    distributed.barrier()
+    distributed.cleanup_distributed()
     unlock_output_dir(output_dir)
 
 
@@ -614,7 +618,7 @@ class TrainValFeatures:
 LabelCheck = Callable[[torch.Tensor, torch.Tensor, int, "list[str] | None"], None]
 
 
-def train_val_features(args: argparse.Namespace, env: utils.DistEnv,
+def train_val_features(args: argparse.Namespace, env: distributed.DistEnv,
                        check_labels: LabelCheck | None = None) -> TrainValFeatures:
     """Features for an eval_*.py script: ``--load_features``, or every train and val image once
     through the backbone (sharded across ranks), L2-normalised, saved by ``--dump_features``.

@@ -46,9 +46,9 @@ import timm
 import torch
 from timm.models import PretrainedCfg, get_pretrained_cfg
 
-from utils import (IMAGENET_MEAN, IMAGENET_STD, UserError, atomic_path,
-                   build_backbone_from_checkpoint, exit_with_error, respect_umask, save_atomic,
-                   user_error_message)
+from checkpoints import build_backbone_from_checkpoint
+from storage import atomic_path, respect_umask, save_atomic
+from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, exit_with_error, user_error_message
 from vision_transformer import VIT_ARCHS
 
 FORMATS = ("file", "timm_folder")
@@ -95,7 +95,7 @@ def timm_load_line(arch: str, patch_size: int, img_size: int, path: str) -> str:
 
 def _safetensors_metadata(args: dict | None, arch: str, patch_size: int, img_size: int
                           ) -> dict[str, str]:
-    """Header strings: the training args as JSON (what utils.read_checkpoint_backbone reads
+    """Header strings: the training args as JSON (what checkpoints.read_checkpoint_backbone reads
     back), with the arch/patch size/image size the weights were built with."""
     metadata = {k: json.dumps(v, default=str) for k, v in (args or {}).items()}
     metadata.update(arch=json.dumps(arch), patch_size=json.dumps(patch_size),

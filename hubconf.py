@@ -42,9 +42,9 @@ dependencies = ["torch", "timm"]
 
 _REPO_DIR = str(pathlib.Path(__file__).resolve().parent)
 # This repository's modules that the entry points import. Their names are generic, so a
-# project calling torch.hub may already have its own ``utils`` imported (or DINO's
-# ``vision_transformer``, from an earlier torch.hub.load).
-_REPO_MODULES = ("utils", "vision_transformer")
+# project calling torch.hub may already have its own ``utils`` or ``checkpoints`` imported
+# (or DINO's ``vision_transformer``, from an earlier torch.hub.load).
+_REPO_MODULES = ("utils", "checkpoints", "vision_transformer")
 
 
 def _is_ours(module: object, name: str) -> bool:
@@ -55,7 +55,7 @@ def _is_ours(module: object, name: str) -> bool:
 
 @contextlib.contextmanager
 def _repo_modules() -> typing.Iterator[None]:
-    """Let ``import utils`` / ``import vision_transformer`` mean this repository's files
+    """Let ``import checkpoints`` / ``import vision_transformer`` mean this repository's files
     inside the block, and put back whatever the caller had under those names afterwards."""
     before = {name: sys.modules.get(name) for name in _REPO_MODULES}
     for name, module in before.items():
@@ -131,7 +131,7 @@ def _massl_vit(arch: str, patch_size: int, pretrained: str | os.PathLike | None 
         raise ValueError("pretrained=True: MaSSL publishes no default weights here; pass the path "
                          "or URL of a checkpoint (or export.py output)")
     with _repo_modules():
-        import utils
+        import checkpoints
         from vision_transformer import build_backbone
 
         if not pretrained:
@@ -143,7 +143,7 @@ def _massl_vit(arch: str, patch_size: int, pretrained: str | os.PathLike | None 
             path = _local_copy(path, progress, check_hash)
         elif os.path.isdir(path):
             path = _folder_weights(path)
-        model, _, info = utils.build_backbone_from_checkpoint(
+        model, _, info = checkpoints.build_backbone_from_checkpoint(
             path, arch=arch, patch_size=patch_size, checkpoint_key=checkpoint_key,
             img_size=img_size)
         if drop_path_rate:

@@ -32,6 +32,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+import checkpoints
+import distributed
+import runlog
+import storage
 import utils
 from data import (PretrainDataset, TrainingData, build_pretrain_dataset, build_pretrain_transform,
                   build_training_data, shutdown_loader_workers)
@@ -359,20 +363,20 @@ def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str
     previous ones on return. Initialises and tears down ``torch.distributed`` when a
     launcher asks for several processes.
     """
-    check_args(args, utils.world_size_from_env())
+    check_args(args, distributed.world_size_from_env())
     output_dir = Path(args.output_dir)
     check_resume_file(args, output_dir)  # before anything is created
     created = not output_dir.exists()
     # Rank 0 owns --output_dir: it checks that it is writable and locks it for the run.
-    lock = prepare_output_dir(output_dir) if utils.rank_from_env() == 0 else None
+    lock = prepare_output_dir(output_dir) if distributed.rank_from_env() == 0 else None
     try:
         dataset = build_pretrain_dataset(args.data_path, build_pretrain_transform(args),
                                          args.skip_bad_images)
         knn = build_online_knn(args)
 
-        owns_process_group = not utils.is_dist()
-        env = utils.init_distributed(device=args.device)
-        stop = utils.StopRequest()
+        owns_process_group = not distributed.is_dist()
+        env = distributed.init_distributed(device=args.device)
+        stop = distributed.StopRequest()
         try:
             if install_signal_handlers and not stop.install():
                 print("warning: train() not called from the main thread: SIGTERM/SIGUSR1 will "
@@ -381,7 +385,7 @@ def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str
         finally:
             stop.restore()
             if owns_process_group:
-                utils.cleanup_distributed()
+                distributed.cleanup_distributed()
     except BaseException:
         if lock is not None and created:
             lock.release()
@@ -421,7 +425,7 @@ def build_online_knn(args: argparse.Namespace) -> OnlineKNN | None:
 class RunLog:
     """The console lines, TensorBoard scalars and ``log.txt`` of a run (main rank only)."""
 
-    def __init__(self, args: argparse.Namespace, env: utils.DistEnv, output_dir: Path,
+    def __init__(self, args: argparse.Namespace, env: distributed.DistEnv, output_dir: Path,
                  steps_per_epoch: int):
         self.is_main, self.epochs, self.steps_per_epoch = env.is_main, args.epochs, steps_per_epoch
         self.print_freq = args.print_freq
@@ -433,7 +437,7 @@ class RunLog:
         # all); the epoch's warnings also go into its log.txt line.
         self.detector = CollapseDetector() if args.health_metrics else None
         self.epoch_warnings: list[str] = []
-        self.checkpoints = utils.BackgroundWriter()  # checkpoint.pth, written in the background
+        self.checkpoints = storage.BackgroundWriter()  # checkpoint.pth, written in the background
 
     def __call__(self, message: str) -> None:
         if self.is_main:
@@ -460,8 +464,8 @@ class RunLog:
             if self.writer is not None:
                 self.writer.close()
 
-    def step(self, epoch: int, step: int, global_step: int, meter: utils.MetricMeter,
-             health: utils.MetricMeter, epoch_start: float, first_step: int,
+    def step(self, epoch: int, step: int, global_step: int, meter: runlog.MetricMeter,
+             health: runlog.MetricMeter, epoch_start: float, first_step: int,
              n_tensors: int) -> None:
         """One console line (and TensorBoard scalars) for the steps since the last one, and
         one with the health metrics of this step when it computed them."""
@@ -510,11 +514,11 @@ class RunLog:
     def append_log_line(self, entry: dict[str, Any]) -> None:
         """The epoch's JSON line to log.txt (main rank)."""
         if self.is_main:
-            utils.append_line(self.output_dir / "log.txt", json.dumps(entry))
+            storage.append_line(self.output_dir / "log.txt", json.dumps(entry))
 
 
-def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDataset,
-           stop: utils.StopRequest, knn: OnlineKNN | None = None) -> str:
+def _train(args: argparse.Namespace, env: distributed.DistEnv, dataset: PretrainDataset,
+           stop: distributed.StopRequest, knn: OnlineKNN | None = None) -> str:
     world, B, accum = env.world_size, args.batch_size_per_gpu, args.gradient_accumulation
     check_args(args, world)  # the real world size, in case the launcher's variables lied
     data = build_training_data(args, dataset, world, env.rank, env.device)
@@ -561,7 +565,7 @@ def _train(args: argparse.Namespace, env: utils.DistEnv, dataset: PretrainDatase
 
 
 def run_epoch(trainer: MaSSLTrainer, data: TrainingData, start: ResumePoint,
-              stop: utils.StopRequest, log: RunLog, knn: OnlineKNN | None = None) -> int | None:
+              stop: distributed.StopRequest, log: RunLog, knn: OnlineKNN | None = None) -> int | None:
     """Train ``start.epoch`` from ``start``; save the checkpoint at its end, or mid-epoch when a
     stop signal arrives. Returns None, or the step in the epoch at which the run stopped.
 
@@ -571,7 +575,7 @@ def run_epoch(trainer: MaSSLTrainer, data: TrainingData, start: ResumePoint,
     args, epoch, spe = trainer.args, start.epoch, trainer.steps_per_epoch
     data.sampler.set_epoch(epoch)
     data.sampler.set_start(start.sample)
-    meter, health = utils.MetricMeter(), utils.MetricMeter()  # health: logging steps only
+    meter, health = runlog.MetricMeter(), runlog.MetricMeter()  # health: logging steps only
     if start.meter:
         meter.load_state_dict(start.meter)
     if start.health:
@@ -621,7 +625,7 @@ def run_epoch(trainer: MaSSLTrainer, data: TrainingData, start: ResumePoint,
         entry["warnings"] = log.epoch_warnings
     entry["time"] = datetime.datetime.now().isoformat(timespec="seconds")
     if trainer.env.distributed:
-        entry["rank_fingerprints"] = utils.gather_objects(trainer.fingerprint())
+        entry["rank_fingerprints"] = distributed.gather_objects(trainer.fingerprint())
         if any(fp != entry["rank_fingerprints"][0] for fp in entry["rank_fingerprints"]):
             log("warning: teacher/memory differ across ranks (see rank_fingerprints)")
     # The checkpoint first: it carries the epoch's log line, which resume() writes to log.txt
@@ -637,7 +641,7 @@ def run_epoch(trainer: MaSSLTrainer, data: TrainingData, start: ResumePoint,
     return spe if stopping else None
 
 
-def epoch_state(meter: utils.MetricMeter | None, health: utils.MetricMeter | None,
+def epoch_state(meter: runlog.MetricMeter | None, health: runlog.MetricMeter | None,
                 epoch_time_s: float, log: RunLog) -> dict[str, Any]:
     """What each rank saves of the run's progress besides the training state: the partial
     epoch's metric sums (mid-epoch), and the collapse detector's streaks, so a resumed run
@@ -678,12 +682,12 @@ class TimedIterator:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def prepare_output_dir(output_dir: Path) -> utils.FolderLock:
+def prepare_output_dir(output_dir: Path) -> storage.FolderLock:
     """Create ``--output_dir``, prove it writable, lock it for this run (a second run into it
     stops with an error naming the first), then drop temporary files a killed save left
     behind (only once locked: until then they could be another run's save in progress)."""
-    utils.check_writable_dir(output_dir)
-    lock = utils.FolderLock(output_dir)
+    storage.check_writable_dir(output_dir)
+    lock = storage.FolderLock(output_dir)
     lock.acquire()
     for stale in output_dir.glob(".checkpoint*.pth.*.tmp"):
         stale.unlink(missing_ok=True)
@@ -693,8 +697,8 @@ def prepare_output_dir(output_dir: Path) -> utils.FolderLock:
 def _remove_if_unused(output_dir: Path) -> None:
     """Remove ``output_dir`` if it holds nothing but our lock file (the run created it)."""
     try:
-        if {p.name for p in output_dir.iterdir()} <= {utils.FolderLock.NAME}:
-            (output_dir / utils.FolderLock.NAME).unlink(missing_ok=True)
+        if {p.name for p in output_dir.iterdir()} <= {storage.FolderLock.NAME}:
+            (output_dir / storage.FolderLock.NAME).unlink(missing_ok=True)
             output_dir.rmdir()
     except OSError:
         pass  # someone else is using it now: leave it
@@ -709,7 +713,7 @@ def check_resume_file(args: argparse.Namespace, output_dir: Path) -> None:
     if not source.is_file():
         raise utils.UserError(f"--resume {source} does not exist" if not source.exists()
                               else f"--resume {source} is not a file")
-    problem = utils.checkpoint_file_problem(source)
+    problem = checkpoints.checkpoint_file_problem(source)
     if problem is not None:
         raise utils.UserError(f"cannot load checkpoint: --resume {source} {problem}")
 
@@ -717,7 +721,7 @@ def check_resume_file(args: argparse.Namespace, output_dir: Path) -> None:
 def save_checkpoint(trainer: MaSSLTrainer, output_dir: Path, epoch: int, step: int,
                     rank_state: dict[str, Any], numbered: bool = False,
                     log_entry: dict[str, Any] | None = None,
-                    writer: utils.BackgroundWriter | None = None,
+                    writer: storage.BackgroundWriter | None = None,
                     then: Callable[[], None] | None = None) -> None:
     """Atomically write checkpoint.pth (and checkpointNNNN.pth) on rank 0; collective.
 
@@ -741,7 +745,7 @@ def save_checkpoint(trainer: MaSSLTrainer, output_dir: Path, epoch: int, step: i
 
         def write(state: dict[str, Any]) -> None:
             for path in paths:
-                utils.save_atomic(state, path)
+                storage.save_atomic(state, path)
             if then is not None:
                 then()
 
@@ -749,9 +753,9 @@ def save_checkpoint(trainer: MaSSLTrainer, output_dir: Path, epoch: int, step: i
             write(ckpt)
         else:
             writer.wait()  # one checkpoint in host memory at a time
-            state = utils.cpu_copy(ckpt)
+            state = storage.cpu_copy(ckpt)
             writer.submit(lambda: write(state))
-    utils.barrier()
+    distributed.barrier()
 
 
 def resume(trainer: MaSSLTrainer, args: argparse.Namespace, output_dir: Path,
@@ -765,7 +769,7 @@ def resume(trainer: MaSSLTrainer, args: argparse.Namespace, output_dir: Path,
     source = ckpt_path if ckpt_path.exists() else (Path(args.resume) if args.resume else None)
     if source is not None and not source.exists():
         raise utils.UserError(f"--resume {source} does not exist")
-    found = utils.all_reduce_max([float(source is not None)], trainer.device)[0]
+    found = distributed.all_reduce_max([float(source is not None)], trainer.device)[0]
     if found != float(source is not None):
         raise utils.UserError(f"{ckpt_path} is visible on some ranks only: --output_dir must be "
                               "on a filesystem shared by all nodes")
@@ -864,16 +868,16 @@ def main(argv: list[str] | None = None) -> None:
     except NonFiniteLossError as e:
         utils.exit_with_error(str(e), code=1)
     except Exception as e:  # noqa: BLE001 - reworded only when a peer was lost
-        message = utils.lost_peer_message(e, args.output_dir)
+        message = distributed.lost_peer_message(e, args.output_dir)
         if message is None:
             raise
         utils.exit_with_error(message, code=1)
     if outcome == "interrupted":
-        if utils.rank_from_env() == 0:
+        if distributed.rank_from_env() == 0:
             print(f"interrupted (Ctrl-C): state saved in {Path(args.output_dir) / 'checkpoint.pth'}"
                   "; run the same command again to resume", file=sys.stderr, flush=True)
         sys.exit(130)  # the shell's code for Ctrl-C: `main_massl.py && next` does not go on
-    if outcome == "preempted" and utils.rank_from_env() == 0:
+    if outcome == "preempted" and distributed.rank_from_env() == 0:
         print(f"preempted: state saved in {Path(args.output_dir) / 'checkpoint.pth'}; run the "
               "same command again to resume", flush=True)
     sys.exit(0)

@@ -47,7 +47,9 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, TextIO  # noqa: E402
 
+import distributed  # noqa: E402
 import fashion_mnist  # noqa: E402
+import storage  # noqa: E402
 import utils  # noqa: E402
 from device_augment import AUGMENT_ON  # noqa: E402
 
@@ -321,7 +323,7 @@ def calibrate(train_options: dict[str, Any], data_dir: Path, device: str) -> Cal
     train_data = build_training_data(args, dataset, world_size=1, rank=0,
                                      device=torch.device(device))
     steps_per_epoch, accum = train_data.steps_per_epoch, args.gradient_accumulation
-    env = utils.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+    env = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device))
     trainer = MaSSLTrainer(args, env, steps_per_epoch, log=lambda message: None)
     sampler, loader = train_data.sampler, train_data.loader
     setup_s = time.time() - setup_start
@@ -505,7 +507,7 @@ def make_plan(args: argparse.Namespace, preset: dict[str, Any], train_options: d
                        epochs=args.epochs)
     for line in plan_lines(plan):
         say(line, log_file)
-    utils.write_json({"plan": plan.as_dict(), "calibration": dataclasses.asdict(calibration)},
+    storage.write_json({"plan": plan.as_dict(), "calibration": dataclasses.asdict(calibration)},
                      plan_file)
     return plan, calibration
 
@@ -597,7 +599,7 @@ def quickstart(args: argparse.Namespace, start: float | None = None) -> dict[str
         }
         line = summary_line(trained, random_init, minutes)
         results["summary"] = line
-        utils.write_json(results, run_dir / "results.json")
+        storage.write_json(results, run_dir / "results.json")
         log_file.write(line + "\n")
     print(f"\nrun folder: {run_dir}  (TensorBoard: tensorboard --logdir {pretrain_dir / 'tensorboard'})")
     print(line, flush=True)

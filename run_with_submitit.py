@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import main_massl
-from utils import StopRequest, UserError, exit_with_error
+from distributed import StopRequest
+from utils import UserError, exit_with_error
 
 REPO_DIR = str(Path(__file__).resolve().parent)
 
@@ -68,7 +69,7 @@ def master_port(job_id: str) -> int:
 
 
 def set_distributed_env(job_env: Any) -> None:
-    """The torchrun variables ``utils.init_distributed`` reads, from a submitit JobEnvironment."""
+    """The torchrun variables ``distributed.init_distributed`` reads, from a submitit JobEnvironment."""
     os.environ.update(
         MASTER_ADDR=job_env.hostnames[0] if job_env.num_nodes > 1 else "127.0.0.1",
         MASTER_PORT=str(master_port(job_env.job_id)),

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import checkpoints
+import distributed
 import utils
-from data import mix_seed
 from massl_loss import KoLeoLoss, MaSSLLoss
 from memory import MemoryBank, gather_across_ranks
 from monitor import (argmax_slots, block_agreement, block_entropy, gradient_stats,
@@ -182,7 +183,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {utils.strip_prefix(k, "module."): v for k, v in state_dict.items()}
+    return {checkpoints.strip_prefix(k, "module."): v for k, v in state_dict.items()}
 
 
 def load_checkpoint(path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -190,7 +191,7 @@ def load_checkpoint(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated/corrupt file, not a checkpoint, ...
-        raise utils.UserError(f"cannot load checkpoint: {utils.checkpoint_load_error(path, e)}"
+        raise utils.UserError(f"cannot load checkpoint: {checkpoints.checkpoint_load_error(path, e)}"
                               ) from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -217,7 +218,7 @@ class MaSSLTrainer:
     draws the same blocks.
     """
 
-    def __init__(self, args: argparse.Namespace, env: utils.DistEnv, steps_per_epoch: int,
+    def __init__(self, args: argparse.Namespace, env: distributed.DistEnv, steps_per_epoch: int,
                  log: Callable[[str], None] = print):
         self.args, self.env, self.device = args, env, env.device
         self.steps_per_epoch = steps_per_epoch
@@ -278,7 +279,7 @@ class MaSSLTrainer:
         return {name: float(values[step]) for name, values in self.schedules.items()}
 
     def _blocks_permutation(self, micro_step: int) -> torch.Tensor:
-        self.perm_generator.manual_seed(mix_seed(self.args.seed, 4, micro_step) % (2 ** 63))
+        self.perm_generator.manual_seed(utils.mix_seed(self.args.seed, 4, micro_step) % (2 ** 63))
         return torch.randperm(self.memory.size, generator=self.perm_generator, device=self.device)
 
     def train_step(self, micro_batches: Iterable[Sequence[torch.Tensor]],
@@ -362,7 +363,7 @@ class MaSSLTrainer:
             # Per-rank values are averaged over ranks; usage is already global, the memory
             # and the (synchronised) gradients are the same on every rank.
             per_rank = ("teacher_entropy", "student_entropy", "agreement")
-            means = utils.all_reduce_means([health[k] / self.accum for k in per_rank],
+            means = distributed.all_reduce_means([health[k] / self.accum for k in per_rank],
                                            self.device)
             totals.update(zip(per_rank, means))
             totals["memory_usage"] = health["memory_usage"] / self.accum
@@ -380,7 +381,7 @@ class MaSSLTrainer:
         values = torch.stack(per_micro)                                 # (accum, len(keys))
         flags = torch.stack([(~torch.isfinite(values)).any().float(),
                              torch.tensor(float(stop_requested), device=values.device)])
-        if utils.is_dist():
+        if distributed.is_dist():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         nonfinite, stop, *flat = torch.cat([flags, values.flatten()]).tolist()
         rows = [flat[i:i + len(keys)] for i in range(0, len(flat), len(keys))]
@@ -416,7 +417,7 @@ class MaSSLTrainer:
     def state_dict(self, rank_state: dict[str, Any] | None = None) -> dict[str, Any]:
         """The whole training state (collective: every rank contributes its RNG states and
         ``rank_state``, e.g. its partial epoch metrics, gathered in rank order)."""
-        rank_states = utils.gather_objects({"rng": rng_state(self.device), **(rank_state or {})})
+        rank_states = distributed.gather_objects({"rng": rng_state(self.device), **(rank_state or {})})
         state = {
             "student": strip_module_prefix(self.student.state_dict()),
             "teacher": self.teacher.state_dict(),
@@ -462,8 +463,9 @@ class MaSSLTrainer:
             self.scaler.load_state_dict(ckpt["fp16_scaler"])
         rank_states = ckpt.get("rank_states", [])
         if len(rank_states) != self.env.world_size:
-            utils.fix_random_seeds(mix_seed(self.args.seed, 2, self.env.rank, int(ckpt["epoch"]),
-                                            int(ckpt.get("iteration", 0))) % (2 ** 32))
+            utils.fix_random_seeds(utils.mix_seed(self.args.seed, 2, self.env.rank,
+                                                  int(ckpt["epoch"]),
+                                                  int(ckpt.get("iteration", 0))) % (2 ** 32))
             return None
         mine = dict(rank_states[self.env.rank])
         set_rng_state(mine.pop("rng"), self.device)

@@ -34,8 +34,10 @@ from PIL import Image
 from torchvision import transforms
 
 import utils
-from utils import (UserError, build_backbone_from_checkpoint, check_writable_dir, exit_with_error,
-                   load_rgb_image, user_error_message)
+from checkpoints import build_backbone_from_checkpoint
+from images import load_rgb_image
+from storage import check_writable_dir
+from utils import UserError, exit_with_error, user_error_message
 from vision_transformer import UnknownArchError, build_backbone
 
 # Fallback colour ramp (black -> purple -> orange -> pale yellow, like "inferno") for when

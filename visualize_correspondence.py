@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision import transforms
 
+import storage
 import utils
-from utils import UserError, exit_with_error, load_rgb_image, user_error_message
+from images import load_rgb_image
+from utils import UserError, exit_with_error, user_error_message
 from visualize_attention import load_model, to_rgb
 
 OUTPUT_FILE = "correspondence.png"
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--image_path takes one or two images, got {len(args.image_path)}")
         if args.n_matches < 1:
             raise UserError(f"--n_matches must be >= 1, got {args.n_matches}")
-        utils.check_writable_dir(args.output_dir)
+        storage.check_writable_dir(args.output_dir)
         model, patch_size, description = load_model(
             args.pretrained_weights or None, args.arch, args.patch_size, args.checkpoint_key)
         size = args.image_size - args.image_size % patch_size
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         idx_a, idx_b, sims = idx_a[:args.n_matches], idx_b[:args.n_matches], sims[:args.n_matches]
         picture = draw_matches(views, idx_a, idx_b, sims, patch_size, args.display_size)
         output = Path(args.output_dir) / OUTPUT_FILE
-        with utils.atomic_path(output) as tmp:
+        with storage.atomic_path(output) as tmp:
             picture.save(tmp, format="PNG")
     except UserError as e:
         exit_with_error(user_error_message(e))

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
+import images
+import storage
 import utils
 from evaluation import (ImageFolder, build_eval_backbone, check_eval_args, describe_backbone,
                         eval_args_parser, eval_transform, extract_features, run_as_script,
@@ -77,7 +79,7 @@ def plot(points: np.ndarray, labels: np.ndarray, classes: list[str], title: str,
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3,
                   frameon=False)
     fig.tight_layout()
-    with utils.atomic_path(path) as tmp:
+    with storage.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
@@ -95,7 +97,7 @@ def main(args: argparse.Namespace) -> Path:
                               "root: <class>/<image>)")
     try:
         transform = eval_transform(args.resize_size, args.crop_size)
-        dataset = ImageFolder(args.data_path, transform=transform, loader=utils.load_rgb_image)
+        dataset = ImageFolder(args.data_path, transform=transform, loader=images.load_rgb_image)
     except FileNotFoundError as e:
         raise utils.UserError(f"no images in {args.data_path}: expected <class>/<image> files "
                               f"({utils.user_error_message(e)})") from e

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402  (also puts the repo root on sys.path)
 import main_massl  # noqa: E402
 from bench_loss import naive_massl_loss  # noqa: E402
+import distributed  # noqa: E402
 import utils  # noqa: E402
 from massl_loss import MaSSLLoss  # noqa: E402
 from memory import MemoryBank  # noqa: E402
@@ -208,7 +209,7 @@ def build_trainer(opts: argparse.Namespace, device: torch.device, variant: dict
     weights and memory (the trainer seeds them from --seed)."""
     args = training_args(opts, variant["precision"], variant["compile"])
     main_massl.check_args(args, world_size=1)
-    env = utils.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+    env = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=device)
     try:
         trainer = MaSSLTrainer(args, env, steps_per_epoch=opts.warmup + opts.steps,
                                log=lambda message: None)
@@ -358,7 +359,7 @@ def run_real_loop(opts: argparse.Namespace) -> dict | None:
     """Two epochs of ``main_massl.train`` (same shapes and flags as the synthetic step); the
     second epoch's figures, on rank 0 (``None`` on the other ranks)."""
     device = bu.resolve_device(opts.device)
-    world = utils.world_size_from_env()
+    world = distributed.world_size_from_env()
     steps = max(opts.steps, opts.warmup)  # per epoch
     variant = {"precision": opts.precision, "sdpa": True, "compile": opts.compile,
                "fused_adamw": device.type == "cuda", "formulation": "ours", "monitor": False}
@@ -386,7 +387,7 @@ def run_real_loop(opts: argparse.Namespace) -> dict | None:
             main_massl.train(args, install_signal_handlers=False)
         except utils.UserError as e:
             raise bu.UserError(str(e)) from None
-        if utils.rank_from_env() != 0:
+        if distributed.rank_from_env() != 0:
             return None
         log = [json.loads(line) for line in (Path(tmp) / "run" / "log.txt").read_text().splitlines()]
     epoch = log[-1]

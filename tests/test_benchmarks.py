@@ -181,8 +181,8 @@ def test_bench_dino_pipeline_makes_the_multicrop_tensors(repo_root, fmnist_folde
     monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
     from bench_data import DataAugmentationDINO
 
-    import utils
-    image = utils.load_rgb_image(str(next((fmnist_folder / "train").rglob("*.png"))))
+    import images
+    image = images.load_rgb_image(str(next((fmnist_folder / "train").rglob("*.png"))))
     crops = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, 32, 16)(image)
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     assert all(c.dtype == torch.float32 for c in crops)

@@ -25,7 +25,8 @@ import torch
 
 import eval_knn
 import export
-import utils
+import checkpoints
+import distributed
 import vision_transformer as vits
 from test_ecosystem import PTH_AND_SAFETENSORS, features, fmnist_batch, make_checkpoint
 from test_train import (LOSS_MARGIN, REFERENCE, ROOT, SCRIPT, TIMEOUT, TINY, _env, _free_port,
@@ -130,7 +131,7 @@ def test_training_on_gpu_learns_and_saves_a_weights_only_checkpoint(precision, c
     if "fp16_scaler" in ckpt:
         assert 0 < ckpt["fp16_scaler"]["scale"] < math.inf
     assert ("cuda" in ckpt["rank_states"][0]["rng"]) == (GPU == "cuda")
-    backbone, _, info = utils.build_backbone_from_checkpoint(out / "checkpoint.pth")
+    backbone, _, info = checkpoints.build_backbone_from_checkpoint(out / "checkpoint.pth")
     assert info["arch"] == "vit_nano" and all_finite(backbone.state_dict())
 
 
@@ -254,7 +255,7 @@ def gpu_trainer(*extra: str):
                                          "--batch_size_per_gpu", "8", "--use_fp16", "false",
                                          "--use_bf16", "true", *extra])
     check_args(args, 1)
-    env = utils.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(GPU))
+    env = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(GPU))
     return MaSSLTrainer(args, env, steps_per_epoch=10, log=lambda message: None)
 
 

@@ -26,6 +26,7 @@ from PIL import Image, ImageFilter
 
 import data
 import device_augment as da
+import images
 import utils
 
 SCALES = ((0.32, 1.0), (0.05, 0.32))
@@ -48,7 +49,7 @@ def small_photos(photos) -> list[Image.Image]:
 @pytest.fixture(scope="module")
 def fmnist_images(fmnist_folder) -> list[Image.Image]:
     files = sorted((fmnist_folder / "train").glob("*/*.png"))[::15]
-    return [utils.load_rgb_image(str(f)) for f in files]
+    return [images.load_rgb_image(str(f)) for f in files]
 
 
 def as_tensor(image: Image.Image) -> torch.Tensor:

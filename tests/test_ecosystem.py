@@ -16,12 +16,15 @@ import timm
 import torch
 from PIL import Image
 
+import checkpoints
 import export
+import images
 import plot_training
 import run_with_submitit
+import storage
 import utils
-import visualize_attention
 import vision_transformer as vits
+import visualize_attention
 from vision_transformer import MaSSLHead, MultiCropWrapper
 
 
@@ -54,7 +57,7 @@ def make_checkpoint(path, arch, patch_size, img_size, seed=0):
         "args": {"arch": arch, "patch_size": patch_size, "global_crops_size": img_size,
                  "output_dir": str(path.parent), "out_dim": 32},
     }
-    utils.save_atomic(ckpt, path)
+    storage.save_atomic(ckpt, path)
     return teacher.backbone.eval()
 
 
@@ -89,7 +92,7 @@ def nano_checkpoint(tmp_path_factory):
 def fmnist_batch(fmnist_folder, size, n=2):
     """Real Fashion-MNIST images, resized and normalised as evaluation does."""
     files = sorted((fmnist_folder / "val").rglob("*.png"))[:n]
-    imgs = [visualize_attention.preprocess(utils.load_rgb_image(str(f)), [size, size], 1)
+    imgs = [visualize_attention.preprocess(images.load_rgb_image(str(f)), [size, size], 1)
             for f in files]
     return torch.cat(imgs)
 
@@ -359,7 +362,7 @@ def test_tools_work_on_a_checkpoint_main_massl_wrote(tiny_images, tmp_path, caps
     out = tmp_path / "run"
     args = main_massl.get_args_parser().parse_args(tiny_run_argv(tiny_images, out, epochs=1))
     assert main_massl.train(args, install_signal_handlers=False) == "finished"
-    teacher, _, info = utils.build_backbone_from_checkpoint(out / "checkpoint.pth")
+    teacher, _, info = checkpoints.build_backbone_from_checkpoint(out / "checkpoint.pth")
     assert (info["arch"], info["patch_size"], info["img_size"]) == ("vit_nano", 4, 16)
 
     export.main(["--checkpoint", str(out / "checkpoint.pth"), "--out", str(tmp_path / "b.pth")])

@@ -19,8 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import evaluation
+import checkpoints
 import eval_linear
+import evaluation
+import images
 import utils
 import vision_transformer as vits
 
@@ -213,28 +215,28 @@ def test_shard_range_covers_every_item_once_in_order(num_items, world_size):
 
 def test_loader_round_trip_from_training_checkpoint(nano_checkpoint):
     teacher, student = nano_backbone(0), nano_backbone(1)
-    model, dim, info = utils.build_backbone_from_checkpoint(nano_checkpoint)
+    model, dim, info = checkpoints.build_backbone_from_checkpoint(nano_checkpoint)
     assert (dim, info["arch"], info["patch_size"], info["img_size"]) == (128, "vit_nano", 4, 28)
     assert info["args"]["lr"] == 5e-4
     assert same_weights(model, teacher) and not same_weights(model, student)
     model.eval(), teacher.eval()
     x = torch.randn(2, 3, 28, 28)
     assert torch.equal(model(x), teacher(x))
-    model, _, _ = utils.build_backbone_from_checkpoint(nano_checkpoint, checkpoint_key="student")
+    model, _, _ = checkpoints.build_backbone_from_checkpoint(nano_checkpoint, checkpoint_key="student")
     assert same_weights(model, student)
     fresh = nano_backbone(5)
-    utils.load_pretrained_weights(fresh, nano_checkpoint)
+    checkpoints.load_pretrained_weights(fresh, nano_checkpoint)
     assert same_weights(fresh, teacher)
 
 
 def test_loader_strips_module_and_backbone_prefixes_and_drops_head(tmp_path):
     path = tmp_path / "ddp.pth"
     torch.save(training_checkpoint(nano_backbone(0), nano_backbone(1), ddp_prefix=True), path)
-    state, args = utils.read_checkpoint_backbone(path)
+    state, args = checkpoints.read_checkpoint_backbone(path)
     assert state.keys() == nano_backbone().state_dict().keys()
     assert not any(k.startswith(("module.", "backbone.", "head.")) for k in state)
     assert args["arch"] == "vit_nano"
-    assert same_weights(utils.build_backbone_from_checkpoint(path)[0], nano_backbone(0))
+    assert same_weights(checkpoints.build_backbone_from_checkpoint(path)[0], nano_backbone(0))
 
 
 def test_loader_does_not_mangle_a_key_that_merely_contains_backbone(tmp_path):
@@ -254,35 +256,35 @@ def test_loader_does_not_mangle_a_key_that_merely_contains_backbone(tmp_path):
     ckpt = {"teacher": {f"module.backbone.{k}": v for k, v in trained.state_dict().items()}}
     ckpt["teacher"]["module.head.mlp.0.weight"] = torch.zeros(2, 2)
     torch.save(ckpt, tmp_path / "c.pth")
-    state, _ = utils.read_checkpoint_backbone(tmp_path / "c.pth")
+    state, _ = checkpoints.read_checkpoint_backbone(tmp_path / "c.pth")
     assert "encoder.backbone.weight" in state and "encoder.head_proj.weight" in state
     model = Model()
-    utils.load_pretrained_weights(model, tmp_path / "c.pth")
+    checkpoints.load_pretrained_weights(model, tmp_path / "c.pth")
     assert same_weights(model, trained)
 
 
 def test_loader_wrong_arch_or_patch_fails_loudly(nano_checkpoint):
     with pytest.raises(utils.UserError, match=r"missing keys.*shape mismatches.*--arch"):
-        utils.build_backbone_from_checkpoint(nano_checkpoint, arch="vit_tiny")
+        checkpoints.build_backbone_from_checkpoint(nano_checkpoint, arch="vit_tiny")
     with pytest.raises(utils.UserError, match=r"patch_embed\.proj\.weight"):
-        utils.build_backbone_from_checkpoint(nano_checkpoint, patch_size=8)
+        checkpoints.build_backbone_from_checkpoint(nano_checkpoint, patch_size=8)
     model = vits.vit_nano(patch_size=8, img_size=56)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(utils.UserError, match="do not fit"):
-        utils.load_pretrained_weights(model, nano_checkpoint)
+        checkpoints.load_pretrained_weights(model, nano_checkpoint)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(utils.UserError, match="unknown --arch"):
-        utils.build_backbone_from_checkpoint(nano_checkpoint, arch="no_such_net")
+        checkpoints.build_backbone_from_checkpoint(nano_checkpoint, arch="no_such_net")
 
 
 def test_loader_missing_file_key_and_garbage(tmp_path, nano_checkpoint):
     with pytest.raises(utils.UserError, match="no such file"):
-        utils.read_checkpoint_backbone(tmp_path / "nope.pth")
+        checkpoints.read_checkpoint_backbone(tmp_path / "nope.pth")
     with pytest.raises(utils.UserError, match=r"no 'ema' entry.*teacher, student"):
-        utils.read_checkpoint_backbone(nano_checkpoint, checkpoint_key="ema")
+        checkpoints.read_checkpoint_backbone(nano_checkpoint, checkpoint_key="ema")
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(utils.UserError, match="cannot read checkpoint"):
-        utils.read_checkpoint_backbone(tmp_path / "junk.pth")
+        checkpoints.read_checkpoint_backbone(tmp_path / "junk.pth")
 
 
 def test_loader_reads_dino_ibot_style_checkpoint_with_namespace_args(tmp_path):
@@ -295,7 +297,7 @@ def test_loader_reads_dino_ibot_style_checkpoint_with_namespace_args(tmp_path):
     ckpt = {"student": state, "teacher": {}, "epoch": 100,
             "args": argparse.Namespace(arch="vit_nano", patch_size=4, global_crops_size=28)}
     torch.save(ckpt, tmp_path / "dino.pth")
-    model, _, info = utils.build_backbone_from_checkpoint(tmp_path / "dino.pth",
+    model, _, info = checkpoints.build_backbone_from_checkpoint(tmp_path / "dino.pth",
                                                           checkpoint_key="student")
     assert same_weights(model, student) and info["args"]["arch"] == "vit_nano"
 
@@ -308,11 +310,11 @@ def test_loader_bare_and_exported_files_infer_arch_and_grid(tmp_path):
     safetensors.save_file(backbone.state_dict(), str(tmp_path / "b.safetensors"),
                           metadata={"arch": json.dumps("vit_nano"), "patch_size": "4"})
     for name in ("bare.pth", "model.pth", "b.safetensors"):
-        model, _, info = utils.build_backbone_from_checkpoint(tmp_path / name)
+        model, _, info = checkpoints.build_backbone_from_checkpoint(tmp_path / name)
         assert (info["arch"], info["patch_size"], info["img_size"]) == ("vit_nano", 4, 28), name
         assert same_weights(model, backbone), name
     # An explicit img_size with another grid resamples pos_embed once; other weights are unchanged.
-    model, _, info = utils.build_backbone_from_checkpoint(tmp_path / "bare.pth", img_size=56)
+    model, _, info = checkpoints.build_backbone_from_checkpoint(tmp_path / "bare.pth", img_size=56)
     assert model.pos_embed.shape == (1, 1 + 14 * 14, 128)
     assert torch.equal(model.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
 
@@ -320,14 +322,14 @@ def test_loader_bare_and_exported_files_infer_arch_and_grid(tmp_path):
 def test_loader_timm_backbone(tmp_path):
     net, _ = vits.build_backbone("test_resnet")
     torch.save(net.state_dict(), tmp_path / "r.pth")
-    model, dim, _ = utils.build_backbone_from_checkpoint(tmp_path / "r.pth", arch="test_resnet")
+    model, dim, _ = checkpoints.build_backbone_from_checkpoint(tmp_path / "r.pth", arch="test_resnet")
     assert dim == 96 and same_weights(model, net)
 
 
 def test_user_error_message_unwraps_dataloader_worker_errors():
-    wrapped = utils.BadImageError("Caught BadImageError in DataLoader worker process 0.\n"
+    wrapped = images.BadImageError("Caught BadImageError in DataLoader worker process 0.\n"
                                   "Original Traceback (most recent call last):\n  File ...\n"
-                                  "utils.BadImageError: cannot read image /d/x.png: broken")
+                                  "images.BadImageError: cannot read image /d/x.png: broken")
     assert utils.user_error_message(wrapped) == "cannot read image /d/x.png: broken"
     assert utils.user_error_message(utils.UserError("plain")) == "plain"
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import utils
+import storage
 from test_eval import assert_clean_exit, run_in_process, run_script
 
 PICO = ["--arch", "vit_pico", "--patch_size", "7", "--resize_size", "28", "--crop_size", "28",
@@ -83,7 +83,7 @@ def test_a_folder_in_use_is_refused_and_a_training_log_is_never_touched(repo_roo
     out = tmp_path / "train_out"
     out.mkdir()
     (out / "log.txt").write_text('{"epoch": 1, "train_loss": 5.0}\n')
-    lock = utils.FolderLock(out)  # what a running training holds
+    lock = storage.FolderLock(out)  # what a running training holds
     lock.acquire()
     try:
         assert_clean_exit(run_in_process(repo_root, "eval_linear.py",
@@ -102,7 +102,7 @@ def test_a_folder_in_use_is_refused_and_a_training_log_is_never_touched(repo_roo
     assert (out / "log.txt").read_text() == '{"epoch": 1, "train_loss": 5.0}\n'
     assert len((out / "linear_log.txt").read_text().splitlines()) == 1
     # ... and left the folder unlocked.
-    again = utils.FolderLock(out)
+    again = storage.FolderLock(out)
     again.acquire()
     again.release()
 

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import evaluation
-import utils
+import checkpoints
+import images
 import vision_transformer as vits
 from test_eval import assert_clean_exit, run_in_process
 
@@ -41,11 +42,11 @@ def dumps(tmp_path_factory, repo_root, fmnist_folder):
 def test_a_dump_records_what_made_it(dumps):
     weights, folder = dumps["a"]
     meta = json.loads((folder / evaluation.FEATURE_META).read_text())
-    info = utils.build_backbone_from_checkpoint(weights)[2]
+    info = checkpoints.build_backbone_from_checkpoint(weights)[2]
     assert meta["weights_sha256"] == info["weights_sha256"]
     assert (meta["arch"], meta["patch_size"], meta["feature_dim"]) == ("vit_pico", 7, info["feature_dim"])
     assert (meta["resize_size"], meta["crop_size"], meta["num_train"], meta["num_val"]) == (28, 28, 300, 100)
-    assert meta["files_sha256"]["trainfeat.pth"] == utils.file_sha256(folder / "trainfeat.pth")
+    assert meta["files_sha256"]["trainfeat.pth"] == checkpoints.file_sha256(folder / "trainfeat.pth")
 
 
 @pytest.mark.parametrize("script", ["eval_knn.py", "eval_lowshot.py", "eval_cluster.py",
@@ -89,7 +90,7 @@ def test_inconsistent_feature_sizes_are_one_line(tmp_path, repo_root):
 
 
 def test_an_exif_rotated_photo_is_read_as_stored_everywhere(fmnist_folder, tmp_path):
-    """The documented choice (utils.load_rgb_image): EXIF orientation is not applied, as in
+    """The documented choice (images.load_rgb_image): EXIF orientation is not applied, as in
     DINO's ImageNet pipeline; training (data.py) and evaluation (ImageFolder) agree."""
     from PIL import Image
 
@@ -104,7 +105,7 @@ def test_an_exif_rotated_photo_is_read_as_stored_everywhere(fmnist_folder, tmp_p
         (root / split / "a").mkdir(parents=True)
         stored.save(root / split / "a" / "p.jpg", exif=exif, quality=100)
     assert Image.open(root / "train" / "a" / "p.jpg").getexif()[0x0112] == 6
-    loaded = utils.load_rgb_image(str(root / "train" / "a" / "p.jpg"))
+    loaded = images.load_rgb_image(str(root / "train" / "a" / "p.jpg"))
     assert loaded.size == (40, 20)  # not (20, 40): not rotated
     assert loaded.getpixel((2, 10))[2] > 150 and loaded.getpixel((35, 10))[0] > 150
     train, _ = evaluation.build_train_val(str(root), lambda img: img, lambda img: img)

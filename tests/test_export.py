@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 
 import export
-import utils
+import checkpoints
 import vision_transformer as vits
 from test_export_folder import one_line_error, run_export
 
@@ -26,7 +26,7 @@ def two_checkpoints(tmp_path):
 
 
 def knn_results(path, checkpoint, **extra):
-    info = utils.build_backbone_from_checkpoint(checkpoint)[2]
+    info = checkpoints.build_backbone_from_checkpoint(checkpoint)[2]
     results = {"k=20": {"top1": 40.0, "top5": 80.0}, "num_train": 300, "num_val": 100,
                "num_classes": 10, "top5_is_top": 5, "checkpoint": str(checkpoint),
                "checkpoint_key": "teacher", "arch": "vit_pico",
@@ -69,7 +69,7 @@ def test_an_existing_file_is_overwritten_only_with_force(two_checkpoints, tmp_pa
         ["--checkpoint", a, "--out", out], capsys)
     assert out.read_text() == "my thesis"
     run_export(["--checkpoint", a, "--out", out, "--force"], capsys)
-    state, _ = utils.read_checkpoint_backbone(out)
+    state, _ = checkpoints.read_checkpoint_backbone(out)
     assert torch.equal(state["cls_token"], torch.load(a, weights_only=True)["cls_token"])
 
 
@@ -84,7 +84,7 @@ def test_force_on_a_folder_replaces_only_the_exports_files(two_checkpoints, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "eval",
                                                      "model.safetensors", "my_notes.md"]
     assert (out / "my_notes.md").read_text() == "keep me"
-    state, _ = utils.read_checkpoint_backbone(out / "model.safetensors")
+    state, _ = checkpoints.read_checkpoint_backbone(out / "model.safetensors")
     assert torch.equal(state["cls_token"], torch.load(b, weights_only=True)["cls_token"])
 
 

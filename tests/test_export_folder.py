@@ -13,7 +13,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+import checkpoints
 import export
+import images
+import storage
 import utils
 import vision_transformer as vits
 from vision_transformer import MaSSLHead, MultiCropWrapper
@@ -40,7 +43,7 @@ def fabricate_checkpoint(path, arch, patch_size, img_size, seed=0):
                 module.running_var.uniform_(0.5, 2.0)
         nets.append(MultiCropWrapper(backbone, MaSSLHead(dim, 32, hidden_dim=64)))
     student, teacher = nets
-    utils.save_atomic({
+    storage.save_atomic({
         "student": {f"module.{k}": v for k, v in student.state_dict().items()},
         "teacher": teacher.state_dict(), "epoch": 7, "iteration": 0,
         "args": {"arch": arch, "patch_size": patch_size, "global_crops_size": img_size,
@@ -58,7 +61,7 @@ def real_images(fmnist_folder, n=3):
     """Real Fashion-MNIST pictures, made RGB and non-square (wider than high) so the
     shorter-side resize and the centre crop both matter."""
     files = sorted((fmnist_folder / "val").rglob("*.png"))[:n]
-    return [utils.load_rgb_image(str(f)).resize((45, 37), Image.BILINEAR) for f in files]
+    return [images.load_rgb_image(str(f)).resize((45, 37), Image.BILINEAR) for f in files]
 
 
 def our_eval_transform(resize, crop):
@@ -130,7 +133,7 @@ def test_timm_loads_the_folder_with_the_teachers_features(pico_run, tmp_path, ca
     exec(line, namespace)
     model = namespace["model"]
     assert type(model) is timm.models.VisionTransformer  # timm's own class, not ours
-    teacher, _, _ = utils.build_backbone_from_checkpoint(pico_run)
+    teacher, _, _ = checkpoints.build_backbone_from_checkpoint(pico_run)
     x = torch.stack([our_eval_transform(32, 28)(im) for im in real_images(fmnist_folder)])
     torch.testing.assert_close(features(model, x), features(teacher, x), atol=1e-6, rtol=0)
     # Our ViT takes any input size; so does the timm model the folder describes.
@@ -224,7 +227,7 @@ def test_model_card_has_the_training_command_epochs_results_and_citation(pico_ru
               "num_val": 100, "num_classes": 10, "top5_is_top": 5, "protocol": "cached features",
               "checkpoint": str(pico_run), "checkpoint_key": "teacher", "arch": "vit_pico"}
     knn["weights_sha256"] = linear["weights_sha256"] = \
-        utils.build_backbone_from_checkpoint(pico_run)[2]["weights_sha256"]
+        checkpoints.build_backbone_from_checkpoint(pico_run)[2]["weights_sha256"]
     (tmp_path / "knn_results.json").write_text(json.dumps(knn))
     (tmp_path / "linear_results.json").write_text(json.dumps(linear))
     out = tmp_path / "massl-vit-pico"
@@ -258,7 +261,7 @@ def test_model_card_has_the_training_command_epochs_results_and_citation(pico_ru
     real_images(fmnist_folder, n=1)[0].save("photo.jpg")
     namespace = {}
     exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), namespace)
-    teacher, _, _ = utils.build_backbone_from_checkpoint(pico_run)
+    teacher, _, _ = checkpoints.build_backbone_from_checkpoint(pico_run)
     x = our_eval_transform(32, 28)(Image.open("photo.jpg").convert("RGB")).unsqueeze(0)
     torch.testing.assert_close(namespace["features"], features(teacher, x), atol=1e-6, rtol=0)
 

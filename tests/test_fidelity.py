@@ -20,7 +20,9 @@ from PIL import Image, ImageFilter
 from timm.layers import resample_abs_pos_embed
 from torchvision import transforms
 
+import checkpoints
 import data
+import images
 import utils
 import vision_transformer as vits
 
@@ -130,7 +132,7 @@ def test_checkpoint_loaded_at_another_size_uses_dinos_interpolation(tmp_path):
     torch.manual_seed(0)
     backbone = vits.vit_nano(patch_size=4, img_size=28).eval()
     torch.save(backbone.state_dict(), tmp_path / "bare.pth")
-    model, _, info = utils.build_backbone_from_checkpoint(tmp_path / "bare.pth", img_size=40)
+    model, _, info = checkpoints.build_backbone_from_checkpoint(tmp_path / "bare.pth", img_size=40)
     assert info["img_size"] == 40
     expected = dino_pos_embed(backbone.pos_embed.detach(), 10, 10).float()
     torch.testing.assert_close(model.pos_embed.detach(), expected, rtol=0, atol=1e-6)
@@ -192,7 +194,7 @@ def test_initialisation_is_seeded_and_refuses_other_schemes():
 def real_image(fmnist_folder):
     """A real Fashion-MNIST picture (RGB), upscaled to a local-crop size."""
     path = sorted((fmnist_folder / "train").rglob("*.png"))[3]
-    return utils.load_rgb_image(str(path)).resize((96, 96), Image.BICUBIC)
+    return images.load_rgb_image(str(path)).resize((96, 96), Image.BICUBIC)
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.7, 2.0])

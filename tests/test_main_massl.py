@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main_massl
-import utils
+import distributed
 from test_train import ROOT, SCRIPT, TIMEOUT, TINY, _env, _read_until, run_main, tiny_data  # noqa: F401
 
 
@@ -65,7 +65,7 @@ def test_ctrl_c_saves_mid_epoch_and_the_same_command_resumes(tiny_data, tmp_path
 
 
 def test_a_second_ctrl_c_stops_at_once(capsys):
-    stop = utils.StopRequest()
+    stop = distributed.StopRequest()
     assert stop.install()
     try:
         os.kill(os.getpid(), signal.SIGINT)  # the first: recorded, the run goes on to save
@@ -138,7 +138,7 @@ def test_a_full_disk_at_the_log_write_is_one_line_and_the_checkpoint_is_kept(tin
 
 
 def test_stop_request_ignores_signals_in_forked_children():
-    stop = utils.StopRequest()
+    stop = distributed.StopRequest()
     stop._pid = os.getpid() + 1  # as seen from a forked data worker
     stop._handle(signal.SIGINT, None)
     stop._handle(signal.SIGINT, None)

@@ -25,9 +25,13 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import distributed
 import eval_knn
 import eval_linear
+import images
 import main_massl
+import storage
 import utils
 from test_train import _free_port, _read_until, run_main
 
@@ -128,7 +132,7 @@ def test_high_bit_depth_images_are_scaled_to_8_bits_not_clipped(case, tmp_path):
     write, name, values, expected = HIGH_BIT_DEPTH_CASES[case]
     path = tmp_path / name
     write(path, values)
-    rgb = np.asarray(utils.load_rgb_image(str(path)))
+    rgb = np.asarray(images.load_rgb_image(str(path)))
     assert rgb.shape == (28, 28, 3) and rgb.dtype == np.uint8
     want = expected(values)
     for channel in range(3):
@@ -276,17 +280,17 @@ def test_a_second_run_into_a_locked_output_dir_is_refused_and_a_crash_frees_it(f
 
 
 def test_the_lock_names_its_holder_and_is_released(tmp_path):
-    lock = utils.FolderLock(tmp_path)
+    lock = storage.FolderLock(tmp_path)
     lock.acquire()
     try:
         text = (tmp_path / ".lock").read_text()
         assert text.startswith(f"pid {os.getpid()} on host {socket.gethostname()}, since ")
         # another open file description of the lock file is refused (as another process is)
         with pytest.raises(utils.UserError, match=f"in use by another run \\(pid {os.getpid()}"):
-            utils.FolderLock(tmp_path).acquire()
+            storage.FolderLock(tmp_path).acquire()
     finally:
         lock.release()
-    again = utils.FolderLock(tmp_path)
+    again = storage.FolderLock(tmp_path)
     again.acquire()
     again.release()
 
@@ -374,7 +378,7 @@ def test_a_failed_resume_says_what_the_file_is_and_leaves_no_folder(flat50, tmp_
 def test_the_weights_loader_says_what_the_file_is(tmp_path):
     for name, (path, pattern) in _bad_checkpoints(tmp_path).items():
         with pytest.raises(utils.UserError) as exc:
-            utils.read_checkpoint_backbone(path)
+            checkpoints.read_checkpoint_backbone(path)
         message = str(exc.value)
         assert message.startswith(f"cannot read checkpoint: {path} "), message
         assert re.search(pattern, message), (name, message)
@@ -502,13 +506,13 @@ def test_output_dir_check_needs_a_writable_folder(tmp_path, monkeypatch):
     blocker.write_text("")
     for target in (blocker, blocker / "sub"):
         with pytest.raises(utils.UserError, match=f"cannot write to --output_dir {target}: "):
-            utils.check_writable_dir(target)
+            storage.check_writable_dir(target)
 
     def refuse(*args, dir=None, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / ".write_test"))
-    monkeypatch.setattr(utils.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(storage.tempfile, "mkstemp", refuse)
     with pytest.raises(utils.UserError, match="cannot write to --dump_features .*Permission denied"):
-        utils.check_writable_dir(tmp_path / "dump", "--dump_features")
+        storage.check_writable_dir(tmp_path / "dump", "--dump_features")
 
 
 # --------------------------------------------------------------------------- disk full
@@ -540,18 +544,18 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous_file(ful
     assert real.value.__context__.errno == errno.ENOSPC
 
     path = tmp_path / "checkpoint.pth"
-    utils.save_atomic({"w": torch.ones(3)}, path)
+    storage.save_atomic({"w": torch.ones(3)}, path)
     before = path.read_bytes()
     monkeypatch.setattr(torch, "save", _save_to_full_disk(torch.save, full_disk))
     with pytest.raises(utils.UserError) as exc:
-        utils.save_atomic({"w": torch.zeros(10000)}, path)
+        storage.save_atomic({"w": torch.zeros(10000)}, path)
     assert str(exc.value) == (f"no space left on device while writing {path}; "
                               "the previous checkpoint.pth is intact")
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", full_disk.name]
     with pytest.raises(utils.UserError, match="no space left on device while writing .*new.pth; "
                                               "nothing was written"):
-        utils.save_atomic({"w": torch.zeros(10000)}, tmp_path / "new.pth")
+        storage.save_atomic({"w": torch.zeros(10000)}, tmp_path / "new.pth")
 
 
 def test_torch_write_failure_without_errno_is_judged_by_free_space(tmp_path, monkeypatch):
@@ -562,10 +566,10 @@ def test_torch_write_failure_without_errno_is_judged_by_free_space(tmp_path, mon
     monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, "/dev/full"))
     monkeypatch.setattr(utils, "_free_bytes", lambda folder: 4096)
     with pytest.raises(utils.UserError, match="^no space left on device while writing"):
-        utils.save_atomic({"w": torch.zeros(10000)}, tmp_path / "a.pth")
+        storage.save_atomic({"w": torch.zeros(10000)}, tmp_path / "a.pth")
     monkeypatch.setattr(utils, "_free_bytes", lambda folder: 10 ** 12)
     with pytest.raises(utils.UserError, match=r"^the write failed part-way \(.*unexpected pos"):
-        utils.save_atomic({"w": torch.zeros(10000)}, tmp_path / "a.pth")
+        storage.save_atomic({"w": torch.zeros(10000)}, tmp_path / "a.pth")
     assert os.listdir(tmp_path) == []
 
 
@@ -604,11 +608,11 @@ def test_saved_files_respect_the_umask(tmp_path):
 
     old = os.umask(0o027)
     try:
-        utils.save_atomic({"w": torch.ones(1)}, tmp_path / "a.pth")
+        storage.save_atomic({"w": torch.ones(1)}, tmp_path / "a.pth")
         os.umask(0o002)
-        utils.save_atomic({"w": torch.ones(1)}, tmp_path / "b.pth")
+        storage.save_atomic({"w": torch.ones(1)}, tmp_path / "b.pth")
         assert (mode("a.pth"), mode("b.pth")) == (0o640, 0o664)  # not mkstemp's 0600
-        utils.write_json({"x": 1}, tmp_path / "c.json")
+        storage.write_json({"x": 1}, tmp_path / "c.json")
         assert mode("c.json") == 0o664
     finally:
         os.umask(old)
@@ -650,15 +654,15 @@ def test_a_slurm_job_missing_its_other_tasks_says_so_and_times_out(flat50, tmp_p
 
 
 def test_dist_timeout_setting(monkeypatch):
-    assert utils.DIST_TIMEOUT_ENV == DIST_TIMEOUT_ENV
+    assert distributed.DIST_TIMEOUT_ENV == DIST_TIMEOUT_ENV
     monkeypatch.delenv(DIST_TIMEOUT_ENV, raising=False)
-    assert utils.dist_timeout_s() == 1800
+    assert distributed.dist_timeout_s() == 1800
     monkeypatch.setenv(DIST_TIMEOUT_ENV, "2.5")
-    assert utils.dist_timeout_s() == 2.5
+    assert distributed.dist_timeout_s() == 2.5
     for bad in ("0", "-1", "soon", "nan"):
         monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
         with pytest.raises(utils.UserError, match=DIST_TIMEOUT_ENV):
-            utils.dist_timeout_s()
+            distributed.dist_timeout_s()
 
 
 def test_a_killed_holders_forked_children_do_not_keep_the_lock(tmp_path):
@@ -666,8 +670,8 @@ def test_a_killed_holders_forked_children_do_not_keep_the_lock(tmp_path):
     script = (
         "import os, signal, sys, time\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import utils\n"
-        f"utils.FolderLock({str(tmp_path)!r}).acquire()\n"
+        "import storage\n"
+        f"storage.FolderLock({str(tmp_path)!r}).acquire()\n"
         "if os.fork() == 0:\n"
         "    time.sleep(60)\n"
         "    os._exit(0)\n"
@@ -678,7 +682,7 @@ def test_a_killed_holders_forked_children_do_not_keep_the_lock(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         holder.wait(30)
-        lock = utils.FolderLock(tmp_path)
+        lock = storage.FolderLock(tmp_path)
         lock.acquire()  # would raise "in use by another run" while the child held the lock
         lock.release()
     finally:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+import distributed
 import main_massl
+import storage
 import utils
 from trainer import MaSSLTrainer
 
@@ -31,7 +32,7 @@ def make_args(*extra: str) -> object:
 
 
 def make_trainer(*extra: str) -> MaSSLTrainer:
-    env = utils.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    env = distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     args = make_args(*extra)
     main_massl.check_args(args, 1)
     return MaSSLTrainer(args, env, STEPS_PER_EPOCH, log=lambda message: None)
@@ -73,7 +74,7 @@ def test_accumulation_sums_micro_batch_gradients_and_advances_schedules_once():
     temp = float(trainer.schedules["teacher_temp"][0])
     losses = []
     for micro, batch in enumerate(batches):
-        generator = torch.Generator().manual_seed(data.mix_seed(3, 4, micro) % (2 ** 63))
+        generator = torch.Generator().manual_seed(utils.mix_seed(3, 4, micro) % (2 ** 63))
         perm = torch.randperm(memory.size, generator=generator)
         s, t = student(batch), teacher(batch[:2]).detach()
         losses.append(trainer.criterion(s, t, memory.features.clone(), temp, perm=perm))
@@ -280,7 +281,7 @@ def test_background_checkpoint_is_the_state_at_save_time(tmp_path):
     sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
     sync_dir.mkdir(), async_dir.mkdir()
     main_massl.save_checkpoint(trainer, sync_dir, 0, 1, {})
-    writer, done = utils.BackgroundWriter(), []
+    writer, done = storage.BackgroundWriter(), []
     main_massl.save_checkpoint(trainer, async_dir, 0, 1, {}, numbered=True, writer=writer,
                                then=lambda: done.append((async_dir / "checkpoint.pth").exists()))
     trainer.train_step([crops(1)])  # changes weights, memory and optimizer state in place
@@ -302,7 +303,7 @@ def test_background_checkpoint_is_the_state_at_save_time(tmp_path):
 
 def test_background_writer_runs_jobs_in_order_and_reports_errors(tmp_path):
     import threading
-    writer, order, release = utils.BackgroundWriter(), [], threading.Event()
+    writer, order, release = storage.BackgroundWriter(), [], threading.Event()
     writer.submit(lambda: (release.wait(10), order.append(1)))
     threading.Timer(0.2, release.set).start()
     writer.submit(lambda: order.append(2))  # waits for the first job
@@ -312,8 +313,8 @@ def test_background_writer_runs_jobs_in_order_and_reports_errors(tmp_path):
     # A failed write: the error surfaces in the caller's thread at the next wait, and the
     # atomic rename leaves the previous file as it was.
     path = tmp_path / "checkpoint.pth"
-    utils.save_atomic({"good": torch.ones(2)}, path)
-    writer.submit(lambda: utils.save_atomic({"bad": lambda: None}, path))  # cannot pickle
+    storage.save_atomic({"good": torch.ones(2)}, path)
+    writer.submit(lambda: storage.save_atomic({"bad": lambda: None}, path))  # cannot pickle
     with pytest.raises(Exception, match="pickle|lambda"):
         writer.wait()
     writer.wait()  # reported once

@@ -5,6 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+import distributed
+import images
+import storage
 import utils
 
 
@@ -23,7 +26,7 @@ def test_cosine_scheduler_without_warmup_is_constant_when_equal():
 
 def test_save_atomic_leaves_no_temp_and_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "ckpt.pth"
-    utils.save_atomic({"a": torch.ones(2)}, path)
+    storage.save_atomic({"a": torch.ones(2)}, path)
     assert torch.load(path, weights_only=True)["a"].sum() == 2
 
     class Unpicklable:
@@ -31,28 +34,28 @@ def test_save_atomic_leaves_no_temp_and_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        utils.save_atomic({"a": Unpicklable()}, path)
+        storage.save_atomic({"a": Unpicklable()}, path)
     assert torch.load(path, weights_only=True)["a"].sum() == 2  # the old one survived
     assert os.listdir(tmp_path) == ["ckpt.pth"]
 
 
 def test_load_rgb_image_names_the_bad_file(tmp_path, fmnist_folder):
     good = next((fmnist_folder / "train").rglob("*.png"))
-    assert utils.load_rgb_image(str(good)).mode == "RGB"
+    assert images.load_rgb_image(str(good)).mode == "RGB"
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
-    with pytest.raises(utils.BadImageError, match="broken.jpg"):
-        utils.load_rgb_image(str(bad))
+    with pytest.raises(images.BadImageError, match="broken.jpg"):
+        images.load_rgb_image(str(bad))
 
 
 def test_init_distributed_single_process_needs_no_launcher(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
                  "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    env = utils.init_distributed(device="cpu")
+    env = distributed.init_distributed(device="cpu")
     assert (env.rank, env.world_size, env.is_main, env.distributed) == (0, 1, True, False)
-    assert not utils.is_dist()
-    assert utils.all_reduce_mean(3.0, env.device) == 3.0
+    assert not distributed.is_dist()
+    assert distributed.all_reduce_mean(3.0, env.device) == 3.0
 
 
 def test_init_distributed_reads_slurm_variables_and_asks_for_a_master(monkeypatch):
@@ -62,4 +65,4 @@ def test_init_distributed_reads_slurm_variables_and_asks_for_a_master(monkeypatc
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     with pytest.raises(utils.UserError, match="MASTER_ADDR"):
-        utils.init_distributed(device="cpu")
+        distributed.init_distributed(device="cpu")

@@ -5,7 +5,7 @@ import errno
 import pytest
 from PIL import Image
 
-import utils
+import storage
 import visualize_attention
 
 
@@ -23,7 +23,7 @@ def test_a_read_only_output_folder_is_one_line(fmnist_folder, tmp_path, capsys, 
     def read_only(*args, **kwargs):  # what a read-only folder does, also to root
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(utils.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(storage.tempfile, "mkstemp", read_only)
     err = run(fmnist_folder, tmp_path / "ro", capsys)
     assert err.startswith("error: cannot write to --output_dir") and "Permission denied" in err
 
