@@ -13,8 +13,10 @@ the random memory blocks and every image's augmentations are seeded from (seed, 
 (seed, epoch, image), and the RNG states of every rank travel in the checkpoint. SIGTERM or
 SIGUSR1 (cluster preemption) finish the current step, save and exit 0.
 
-This file holds the flags, the set-up, the epoch loop and ``main``; one optimizer step and
-the checkpoint contents live in ``trainer.py``, the data pipeline in ``data.py``.
+This file holds the flags, the set-up, the loop (``train`` sets up and tears down,
+``train_loop`` runs the epochs, ``run_epoch`` one epoch) and ``main``. One optimizer step and
+the checkpoint contents live in ``trainer.py``, saving and resuming in ``run_folder.py``, what
+a run prints and logs in ``runlog.py``, the data pipeline in ``data.py``.
 """
 from __future__ import annotations
 
@@ -26,24 +28,21 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import torch
 
-import checkpoints
 import distributed
-import runlog
-import storage
 import utils
 from data import (PretrainDataset, TrainingData, build_pretrain_dataset, build_pretrain_transform,
                   build_training_data, shutdown_loader_workers)
 from device_augment import AUGMENT_ON
 from evaluation import usable_workers
-from monitor import (HEALTH_KEYS, CollapseDetector, OnlineKNN, default_knn_resize,
-                     format_health)
-from trainer import MaSSLTrainer, NonFiniteLossError, load_checkpoint
+from monitor import HEALTH_KEYS, OnlineKNN, default_knn_resize
+from run_folder import (ResumePoint, check_resume_file, epoch_state, prepare_output_dir,
+                        remove_if_unused, resume, save_checkpoint)
+from runlog import MetricMeter, RunLog, TimedIterator, format_seconds
+from trainer import MaSSLTrainer, NonFiniteLossError
 from vision_transformer import VIT_ARCHS, UnknownArchError, check_arch
 
 
@@ -82,9 +81,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--use_bn_in_head", default=False, type=utils.bool_flag, help=(
         "BatchNorm after the hidden layers of the projection head (SyncBatchNorm on multi-GPU "
         "runs). Reference runs: false."))
-    group.add_argument("--norm_last_layer", default=True, type=utils.bool_flag, help=(
-        "Accepted for compatibility with DINO-style command lines; has no effect: the MaSSL head "
-        "has no weight-normalised prototype layer (the memory plays that role)."))
     group.add_argument("--drop_path_rate", "--drop_path", dest="drop_path_rate", default=0.1,
                        type=float, help=(
         "Stochastic depth rate of the student backbone (the teacher uses 0). Reference runs: 0.1."))
@@ -350,10 +346,6 @@ def check_memory_need(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- training
 
 
-def format_seconds(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=int(seconds)))
-
-
 def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str:
     """Pretrain MaSSL as ``args`` say; returns ``"finished"``, ``"preempted"`` (SIGTERM/SIGUSR1)
     or ``"interrupted"`` (Ctrl-C), the last two after saving.
@@ -381,7 +373,7 @@ def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str
             if install_signal_handlers and not stop.install():
                 print("warning: train() not called from the main thread: SIGTERM/SIGUSR1 will "
                       "not trigger a save", file=sys.stderr, flush=True)
-            return _train(args, env, dataset, stop, knn)
+            return train_loop(args, env, dataset, stop, knn)
         finally:
             stop.restore()
             if owns_process_group:
@@ -389,24 +381,11 @@ def train(args: argparse.Namespace, install_signal_handlers: bool = True) -> str
     except BaseException:
         if lock is not None and created:
             lock.release()
-            _remove_if_unused(output_dir)  # a failed start leaves no empty folder behind
+            remove_if_unused(output_dir)  # a failed start leaves no empty folder behind
         raise
     finally:
         if lock is not None:
             lock.release()
-
-
-@dataclass
-class ResumePoint:
-    """Where a run starts: epoch, optimizer step and first image (per rank) within it, and
-    the epoch's partial metrics when it starts mid-epoch."""
-    epoch: int = 0
-    step: int = 0
-    sample: int = 0
-    meter: dict[str, Any] = field(default_factory=dict)
-    health: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    epoch_time_s: float = 0.0
 
 
 def build_online_knn(args: argparse.Namespace) -> OnlineKNN | None:
@@ -422,103 +401,10 @@ def build_online_knn(args: argparse.Namespace) -> OnlineKNN | None:
                      num_workers=usable_workers(args.num_workers), seed=args.seed)
 
 
-class RunLog:
-    """The console lines, TensorBoard scalars and ``log.txt`` of a run (main rank only)."""
-
-    def __init__(self, args: argparse.Namespace, env: distributed.DistEnv, output_dir: Path,
-                 steps_per_epoch: int):
-        self.is_main, self.epochs, self.steps_per_epoch = env.is_main, args.epochs, steps_per_epoch
-        self.print_freq = args.print_freq
-        self.output_dir = output_dir
-        self.writer = None
-        self.run_start = self.window_start = time.time()
-        self.first_global_step = 0
-        # Collapse warnings: the detector runs on every rank (it sees the same values on
-        # all); the epoch's warnings also go into its log.txt line.
-        self.detector = CollapseDetector() if args.health_metrics else None
-        self.epoch_warnings: list[str] = []
-        self.checkpoints = storage.BackgroundWriter()  # checkpoint.pth, written in the background
-
-    def __call__(self, message: str) -> None:
-        if self.is_main:
-            print(message, flush=True)
-
-    def open_tensorboard(self, start_step: int) -> None:
-        self.first_global_step = start_step
-        if not self.is_main:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            print("warning: tensorboard is not installed: no TensorBoard logs "
-                  "(pip install tensorboard)", file=sys.stderr, flush=True)
-            return
-        self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"),
-                                    purge_step=start_step)
-
-    def close(self) -> None:
-        """Finish the checkpoint write in flight (every exit passes here), then TensorBoard."""
-        try:
-            self.checkpoints.wait()
-        finally:
-            if self.writer is not None:
-                self.writer.close()
-
-    def step(self, epoch: int, step: int, global_step: int, meter: runlog.MetricMeter,
-             health: runlog.MetricMeter, epoch_start: float, first_step: int,
-             n_tensors: int) -> None:
-        """One console line (and TensorBoard scalars) for the steps since the last one, and
-        one with the health metrics of this step when it computed them."""
-        now = time.time()
-        values = meter.window_means()
-        health_values = health.window_means()
-        elapsed = now - self.window_start
-        sec_per_step = elapsed / max(meter.window_count, 1)
-        values["images_per_sec"] = values.pop("images", 0.0) / max(sec_per_step, 1e-9)
-        eta_epoch = (now - epoch_start) / (step - first_step) * (self.steps_per_epoch - step)
-        eta_total = (now - self.run_start) / (global_step - self.first_global_step) * (
-            self.epochs * self.steps_per_epoch - global_step)
-        losses = f"loss {values['loss']:.4f}"
-        if "koleo" in values:
-            losses += f" (massl {values['massl']:.4f} koleo {values['koleo']:.4f})"
-        width = len(str(self.steps_per_epoch))
-        self(f"Epoch [{epoch + 1}/{self.epochs}] it [{step:>{width}}/{self.steps_per_epoch}]  "
-             f"{losses}  lr {values['lr']:.3e}  wd {values['wd']:.4f}  "
-             f"mom {values['momentum']:.5f}  t_temp {values['teacher_temp']:.4f}  "
-             f"{values['images_per_sec']:.1f} img/s  {sec_per_step:.3f} s/it "
-             f"(data {values.pop('data_s'):.3f})  "
-             f"ETA {format_seconds(eta_epoch)} epoch, {format_seconds(eta_total)} total")
-        if health_values:
-            self(format_health(health_values, n_tensors))
-        if self.detector is not None:
-            for warning in self.detector.update(health_values):
-                self(f"{warning} [epoch {epoch + 1} it {step}]")
-                self.epoch_warnings.append(warning)
-        if self.writer is not None:
-            for key, value in {**values, **health_values}.items():
-                self.writer.add_scalar(f"train/{key}", value, global_step)
-        meter.reset_window()
-        health.reset_window()
-        self.window_start = now
-
-    def epoch_scalars(self, entry: dict[str, Any]) -> None:
-        """The epoch's means to TensorBoard."""
-        if self.writer is not None:
-            for key, value in entry.items():
-                if key.startswith("train_"):
-                    self.writer.add_scalar(f"epoch/{key[len('train_'):]}", value, entry["epoch"])
-                elif key.startswith("knn_"):
-                    self.writer.add_scalar(f"knn/{key[len('knn_'):]}", value, entry["epoch"])
-            self.writer.flush()
-
-    def append_log_line(self, entry: dict[str, Any]) -> None:
-        """The epoch's JSON line to log.txt (main rank)."""
-        if self.is_main:
-            storage.append_line(self.output_dir / "log.txt", json.dumps(entry))
-
-
-def _train(args: argparse.Namespace, env: distributed.DistEnv, dataset: PretrainDataset,
-           stop: distributed.StopRequest, knn: OnlineKNN | None = None) -> str:
+def train_loop(args: argparse.Namespace, env: distributed.DistEnv, dataset: PretrainDataset,
+               stop: distributed.StopRequest, knn: OnlineKNN | None = None) -> str:
+    """The training loop of ``train``: build the trainer, resume, run the epochs (each saving
+    its checkpoint) until ``--epochs`` or a stop signal; returns ``train``'s outcome."""
     world, B, accum = env.world_size, args.batch_size_per_gpu, args.gradient_accumulation
     check_args(args, world)  # the real world size, in case the launcher's variables lied
     data = build_training_data(args, dataset, world, env.rank, env.device)
@@ -575,7 +461,7 @@ def run_epoch(trainer: MaSSLTrainer, data: TrainingData, start: ResumePoint,
     args, epoch, spe = trainer.args, start.epoch, trainer.steps_per_epoch
     data.sampler.set_epoch(epoch)
     data.sampler.set_start(start.sample)
-    meter, health = runlog.MetricMeter(), runlog.MetricMeter()  # health: logging steps only
+    meter, health = MetricMeter(), MetricMeter()  # health: logging steps only
     if start.meter:
         meter.load_state_dict(start.meter)
     if start.health:
@@ -639,213 +525,6 @@ def run_epoch(trainer: MaSSLTrainer, data: TrainingData, start: ResumePoint,
     log(f"Epoch [{epoch + 1}/{args.epochs}] done: loss {stats['loss']:.4f}, "
         f"{epoch_time:.1f} s, checkpoint saved")
     return spe if stopping else None
-
-
-def epoch_state(meter: runlog.MetricMeter | None, health: runlog.MetricMeter | None,
-                epoch_time_s: float, log: RunLog) -> dict[str, Any]:
-    """What each rank saves of the run's progress besides the training state: the partial
-    epoch's metric sums (mid-epoch), and the collapse detector's streaks, so a resumed run
-    reports the same epoch means and warnings as one that was never stopped."""
-    state: dict[str, Any] = {}
-    if meter is not None:
-        state.update(meter=meter.state_dict(), epoch_time_s=epoch_time_s,
-                     warnings=list(log.epoch_warnings))
-    if health is not None:
-        state["health"] = health.state_dict()
-    if log.detector is not None:
-        state["collapse"] = log.detector.state_dict()
-    return state
-
-
-class TimedIterator:
-    """Wraps the loader's iterator, adds up the time spent waiting for batches and turns each
-    batch into the step's crop list (``TrainingData.crops``: on the device with
-    ``--augment_on device``, outside the timed wait)."""
-
-    def __init__(self, iterator: Iterator[Any], to_crops: Callable[[Any], list[Any]]):
-        self.iterator, self.to_crops, self.wait = iterator, to_crops, 0.0
-
-    def __iter__(self) -> TimedIterator:
-        return self
-
-    def __next__(self) -> list[Any]:
-        t = time.time()
-        batch = next(self.iterator)
-        self.wait += time.time() - t
-        return self.to_crops(batch)
-
-    def pop_wait(self) -> float:
-        wait, self.wait = self.wait, 0.0
-        return wait
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def prepare_output_dir(output_dir: Path) -> storage.FolderLock:
-    """Create ``--output_dir``, prove it writable, lock it for this run (a second run into it
-    stops with an error naming the first), then drop temporary files a killed save left
-    behind (only once locked: until then they could be another run's save in progress)."""
-    storage.check_writable_dir(output_dir)
-    lock = storage.FolderLock(output_dir)
-    lock.acquire()
-    for stale in output_dir.glob(".checkpoint*.pth.*.tmp"):
-        stale.unlink(missing_ok=True)
-    return lock
-
-
-def _remove_if_unused(output_dir: Path) -> None:
-    """Remove ``output_dir`` if it holds nothing but our lock file (the run created it)."""
-    try:
-        if {p.name for p in output_dir.iterdir()} <= {storage.FolderLock.NAME}:
-            (output_dir / storage.FolderLock.NAME).unlink(missing_ok=True)
-            output_dir.rmdir()
-    except OSError:
-        pass  # someone else is using it now: leave it
-
-
-def check_resume_file(args: argparse.Namespace, output_dir: Path) -> None:
-    """Refuse a ``--resume`` that is missing or cannot be a checkpoint, before any folder is
-    made (it is only used when ``output_dir`` has no checkpoint.pth yet)."""
-    if not args.resume or (output_dir / "checkpoint.pth").exists():
-        return
-    source = Path(args.resume)
-    if not source.is_file():
-        raise utils.UserError(f"--resume {source} does not exist" if not source.exists()
-                              else f"--resume {source} is not a file")
-    problem = checkpoints.checkpoint_file_problem(source)
-    if problem is not None:
-        raise utils.UserError(f"cannot load checkpoint: --resume {source} {problem}")
-
-
-def save_checkpoint(trainer: MaSSLTrainer, output_dir: Path, epoch: int, step: int,
-                    rank_state: dict[str, Any], numbered: bool = False,
-                    log_entry: dict[str, Any] | None = None,
-                    writer: storage.BackgroundWriter | None = None,
-                    then: Callable[[], None] | None = None) -> None:
-    """Atomically write checkpoint.pth (and checkpointNNNN.pth) on rank 0; collective.
-
-    ``epoch`` epochs and ``step`` optimizer steps of the next one are done; ``rank_state``
-    (``epoch_state``: e.g. the partial epoch's metrics) travels per rank so a resumed epoch
-    reports the same means. ``then`` runs on rank 0 once the files are in place.
-
-    With ``writer`` the files are written in its background thread: this waits for the
-    previous write, copies the state to CPU memory and returns while the write goes on
-    (the other ranks do not wait for it either). Each file still appears by an atomic
-    rename, so a kill mid-write leaves the previous checkpoint; ``writer.wait()`` (RunLog's
-    close, on every exit) finishes it."""
-    ckpt = trainer.state_dict(rank_state)
-    ckpt.update(epoch=epoch, iteration=step, epoch_images_done=step * trainer.images_per_step)
-    if log_entry is not None:
-        ckpt["log_entry"] = json.dumps(log_entry)  # a string: weights_only-safe
-    if trainer.env.is_main:
-        paths = [output_dir / "checkpoint.pth"]
-        if numbered:
-            paths.append(output_dir / f"checkpoint{epoch:04d}.pth")
-
-        def write(state: dict[str, Any]) -> None:
-            for path in paths:
-                storage.save_atomic(state, path)
-            if then is not None:
-                then()
-
-        if writer is None:
-            write(ckpt)
-        else:
-            writer.wait()  # one checkpoint in host memory at a time
-            state = storage.cpu_copy(ckpt)
-            writer.submit(lambda: write(state))
-    distributed.barrier()
-
-
-def resume(trainer: MaSSLTrainer, args: argparse.Namespace, output_dir: Path,
-           log: RunLog) -> ResumePoint:
-    """Load ``output_dir/checkpoint.pth`` (else ``--resume``) into ``trainer``; where to start.
-
-    A checkpoint saved mid-epoch resumes at the first image not yet trained on, also when
-    the global batch changed since (the epoch then finishes with the new number of steps).
-    """
-    ckpt_path = output_dir / "checkpoint.pth"
-    source = ckpt_path if ckpt_path.exists() else (Path(args.resume) if args.resume else None)
-    if source is not None and not source.exists():
-        raise utils.UserError(f"--resume {source} does not exist")
-    found = distributed.all_reduce_max([float(source is not None)], trainer.device)[0]
-    if found != float(source is not None):
-        raise utils.UserError(f"{ckpt_path} is visible on some ranks only: --output_dir must be "
-                              "on a filesystem shared by all nodes")
-    if source is None:
-        return ResumePoint()
-    ckpt = load_checkpoint(source, args)
-    rank_state = trainer.load_state_dict(ckpt, source=str(source))
-    epoch, spe = int(ckpt["epoch"]), trainer.steps_per_epoch
-    saved_step = int(ckpt.get("iteration", 0))
-    saved_per_step = ckpt.get("images_per_step")
-    if saved_per_step is None:  # written before the trainer refactor
-        saved_args = ckpt.get("args", {})
-        saved_per_step = (saved_args.get("batch_size_per_gpu", args.batch_size_per_gpu)
-                          * max(len(ckpt.get("rank_states", [])), 1)
-                          * saved_args.get("gradient_accumulation", 1))
-    done = int(ckpt.get("epoch_images_done", saved_step * saved_per_step))
-    world, step_samples = trainer.env.world_size, args.batch_size_per_gpu * trainer.accum
-    sample = done // world  # the first images of an epoch's order, whatever the world size
-    steps_left = max(spe * step_samples - sample, 0) // step_samples
-    point = ResumePoint(epoch=epoch, step=spe - steps_left, sample=sample)
-    if steps_left == 0 or done == 0:
-        point = ResumePoint(epoch=epoch + (done > 0))
-    elif saved_per_step != trainer.images_per_step:
-        log(f"note: {source} was saved after {done} images of epoch {epoch + 1} at "
-            f"{saved_per_step} images per step; this run takes {trainer.images_per_step}: it "
-            f"goes on from image {done} with the remaining {steps_left} steps of the epoch "
-            "(no image replayed or skipped; schedules continue from step "
-            f"{epoch * spe + point.step})")
-    if rank_state is None:
-        log(f"note: {source} was saved by {len(ckpt.get('rank_states', []))} processes, this run "
-            f"has {world}: random streams are reseeded, so the run will not replay exactly")
-    elif log.detector is not None and "collapse" in rank_state:
-        log.detector.load_state_dict(rank_state["collapse"])
-    if rank_state is not None and point.step > 0:
-        point.meter = rank_state.get("meter") or _meter_from_old_sums(
-            rank_state, trainer, epoch * spe + point.step)
-        point.health = rank_state.get("health") or {}
-        point.warnings = list(rank_state.get("warnings") or [])
-        point.epoch_time_s = float(rank_state.get("epoch_time_s",
-                                                  rank_state.get("epoch_sums", {}).get("time_s", 0)))
-    trainer.global_step = point.epoch * spe + point.step
-    if trainer.env.is_main and "log_entry" in ckpt:
-        _restore_log_line(output_dir / "log.txt", json.loads(ckpt["log_entry"]))
-    log(f"resumed from {source}: {epoch} epochs" + (f" + {saved_step} steps" if saved_step else "")
-        + " done")
-    return point
-
-
-def _restore_log_line(path: Path, entry: dict[str, Any]) -> None:
-    """Append the checkpoint's last epoch line to log.txt unless it is there already (a run
-    killed between saving the checkpoint and writing log.txt)."""
-    logged = set()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                logged.add(json.loads(line).get("epoch"))
-            except (ValueError, AttributeError):
-                continue
-    if entry.get("epoch") not in logged:
-        with open(path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-
-
-def _meter_from_old_sums(rank_state: dict[str, Any], trainer: MaSSLTrainer,
-                         global_step: int) -> dict[str, Any]:
-    """Checkpoints written before the trainer refactor kept ``epoch_sums`` (sum_loss, ...)
-    and no schedule sums: those are re-read off the schedules of the steps already done."""
-    sums = rank_state.get("epoch_sums") or {}
-    steps = int(sums.get("steps", 0))
-    if not steps:
-        return {}
-    meter = {k[len("sum_"):]: float(v) for k, v in sums.items() if k.startswith("sum_")}
-    meter["images"] = float(sums.get("images", 0))
-    meter.update({name: float(values[global_step - steps:global_step].sum())
-                  for name, values in trainer.schedules.items()})
-    return {"sums": meter, "count": steps}
 
 
 # --------------------------------------------------------------------------- command line entry

@@ -16,7 +16,6 @@ import json
 import math
 import random
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -31,12 +30,6 @@ from memory import MemoryBank, gather_across_ranks
 from monitor import (argmax_slots, block_agreement, block_entropy, gradient_stats,
                      memory_spread, memory_usage)
 from vision_transformer import VIT_ARCHS, MaSSLHead, MultiCropWrapper, build_backbone
-
-# Settings a checkpoint must share with the run resuming it (the weights' shapes).
-RESUME_MUST_MATCH = ("arch", "patch_size", "out_dim", "bottleneck_dim", "use_bn_in_head",
-                     "global_crops_size")
-CHECKPOINT_KEYS = ("student", "teacher", "optimizer", "memory", "epoch")
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf: the run stops and keeps its last good checkpoint."""
@@ -184,25 +177,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {checkpoints.strip_prefix(k, "module."): v for k, v in state_dict.items()}
-
-
-def load_checkpoint(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """A training checkpoint that this run can resume from (``UserError`` otherwise)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated/corrupt file, not a checkpoint, ...
-        raise utils.UserError(f"cannot load checkpoint: {checkpoints.checkpoint_load_error(path, e)}"
-                              ) from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise utils.UserError(f"{path} is not a MaSSL training checkpoint (no {', '.join(missing)})")
-    saved = ckpt.get("args", {})
-    for key in RESUME_MUST_MATCH:
-        if key in saved and saved[key] != getattr(args, key):
-            raise utils.UserError(
-                f"{path} was trained with --{key} {saved[key]}, this run has --{key} "
-                f"{getattr(args, key)}: use a new --output_dir or the same settings")
-    return ckpt
 
 
 # --------------------------------------------------------------------------- the trainer

@@ -1,17 +1,15 @@
 """trainer.MaSSLTrainer in-process: one optimizer step against literal re-computations, and
-resuming checkpoints in the format written before the trainer existed."""
+its state written in the background (run_folder.save_checkpoint)."""
 from __future__ import annotations
 
 import copy
-import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 import distributed
 import main_massl
+import run_folder
 import storage
 import utils
 from trainer import MaSSLTrainer
@@ -153,79 +151,6 @@ def test_state_dict_round_trip_continues_identically(tmp_path):
         assert torch.equal(pa, pb)
 
 
-# --------------------------------------------------------------------------- older checkpoints
-
-
-def write_pre_trainer_checkpoint(ckpt: dict, path: Path, epoch_sums: dict[str, float]) -> None:
-    """The checkpoint layout written before trainer.py existed (pinned here, as it was):
-    training state plus ``epoch``, ``iteration``, ``global_step``, ``args`` and per-rank
-    ``rank_states`` of ``{"rng", "epoch_sums"}`` with ``sum_*`` accumulators; no
-    ``images_per_step``, no ``epoch_images_done``."""
-    old = {key: ckpt[key] for key in ("student", "teacher", "optimizer", "memory", "epoch",
-                                      "iteration", "global_step", "args")}
-    old["rank_states"] = [{"rng": r["rng"], "epoch_sums": dict(epoch_sums)}
-                          for r in ckpt["rank_states"]]
-    torch.save(old, path)
-
-
-def test_checkpoint_in_the_pre_trainer_layout_resumes_exactly(fmnist_folder, tmp_path):
-    """A run stopped mid-epoch whose checkpoint is rewritten in the old layout resumes (with
-    --resume, into a new output folder) to the same teacher, memory and epoch losses as a run
-    that was never stopped."""
-    images = tmp_path / "images"  # 96 real images: 6 steps of 16 per epoch
-    images.mkdir()
-    for path in sorted((fmnist_folder / "train").rglob("*.png"))[::3][:96]:
-        shutil.copy(path, images / f"{path.parent.name}_{path.name}")
-    flags = ["--data_path", str(images), "--arch", "vit_pico",
-             "--patch_size", "7", "--global_crops_size", "28", "--local_crops_size", "14",
-             "--local_crops_number", "2", "--out_dim", "64", "--partition_size", "32",
-             "--batch_size_per_gpu", "16", "--epochs", "2", "--num_workers", "0",
-             "--print_freq", "1", "--seed", "1", "--saveckp_freq", "0"]
-    whole = tmp_path / "whole"
-    main_massl.train(main_massl.build_cli_parser().parse_args(
-        [*flags, "--output_dir", str(whole)]), install_signal_handlers=False)
-
-    # The same run, stopped after step 4 of epoch 2 (a stop request, as SIGTERM makes one).
-    cut = tmp_path / "cut"
-    args = main_massl.build_cli_parser().parse_args([*flags, "--output_dir", str(cut)])
-    calls = {"n": 0}
-    real_step = MaSSLTrainer.train_step
-
-    def counting_step(self, micro_batches, stop_requested=False, **kwargs):
-        calls["n"] += 1
-        return real_step(self, micro_batches, stop_requested=calls["n"] == 6 + 4, **kwargs)
-
-    MaSSLTrainer.train_step = counting_step
-    try:
-        assert main_massl.train(args, install_signal_handlers=False) == "preempted"
-    finally:
-        MaSSLTrainer.train_step = real_step
-    new = torch.load(cut / "checkpoint.pth", weights_only=True)
-    assert (new["epoch"], new["iteration"]) == (1, 4)
-    meter = new["rank_states"][0]["meter"]
-    old_file = tmp_path / "old_layout.pth"
-    write_pre_trainer_checkpoint(new, old_file, {
-        "sum_loss": meter["sums"]["loss"], "sum_massl": meter["sums"]["massl"],
-        "steps": meter["count"], "time_s": 1.0, "images": meter["sums"]["images"]})
-
-    # --resume FILE into a fresh --output_dir (the flag's purpose: start from a checkpoint
-    # kept elsewhere)
-    resumed = tmp_path / "resumed"
-    main_massl.train(main_massl.build_cli_parser().parse_args(
-        [*flags, "--output_dir", str(resumed), "--resume", str(old_file)]),
-        install_signal_handlers=False)
-    a = torch.load(whole / "checkpoint.pth", weights_only=True)
-    b = torch.load(resumed / "checkpoint.pth", weights_only=True)
-    for key in a["teacher"]:
-        assert torch.equal(a["teacher"][key], b["teacher"][key]), key
-    assert torch.equal(a["memory"]["bank"], b["memory"]["bank"])
-    logs = [[json.loads(line) for line in (d / "log.txt").read_text().splitlines()]
-            for d in (whole, resumed)]
-    assert [e["epoch"] for e in logs[1]] == [2]
-    for key in ("train_loss", "train_massl", "train_lr", "train_teacher_temp"):
-        assert logs[1][-1][key] == pytest.approx(logs[0][-1][key], rel=1e-6), key
-
-
 # --------------------------------------------------------------------------- the lean step
 
 
@@ -280,9 +205,9 @@ def test_background_checkpoint_is_the_state_at_save_time(tmp_path):
     trainer.train_step([crops(0)])
     sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
     sync_dir.mkdir(), async_dir.mkdir()
-    main_massl.save_checkpoint(trainer, sync_dir, 0, 1, {})
+    run_folder.save_checkpoint(trainer, sync_dir, 0, 1, {})
     writer, done = storage.BackgroundWriter(), []
-    main_massl.save_checkpoint(trainer, async_dir, 0, 1, {}, numbered=True, writer=writer,
+    run_folder.save_checkpoint(trainer, async_dir, 0, 1, {}, numbered=True, writer=writer,
                                then=lambda: done.append((async_dir / "checkpoint.pth").exists()))
     trainer.train_step([crops(1)])  # changes weights, memory and optimizer state in place
     writer.wait()
