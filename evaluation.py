@@ -112,7 +112,7 @@ def check_common_args(args: argparse.Namespace, problems: list[str]) -> None:
                  if isinstance(value, float) and not math.isfinite(value)]
     if problems:
         raise utils.UserError(problems[0])
-    utils.check_device(args.device)
+    utils.resolve_device(args.device)
 
 
 # --------------------------------------------------------------------------- data

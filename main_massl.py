@@ -67,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--patch_size", default=16, type=int, help=(
         "ViT patch size in pixels (ignored for timm model names, whose name fixes it). Smaller "
         "patches cost more compute. Reference runs: 16."))
-    group.add_argument("--out_dim", "--memory_size", dest="out_dim", default=65536, type=int, help=(
+    group.add_argument("--out_dim", "--memory_size", dest="memory_size", default=65536, type=int, help=(
         "Number of slots K of the memory bank of past teacher embeddings (the authors call it "
         "out_dim). Must be a multiple of the global batch (batch_size_per_gpu x number of "
         "processes). Reference runs: 131072."))
@@ -247,14 +247,14 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     need(args.batch_size_per_gpu >= 1, "--batch_size_per_gpu must be at least 1")
     need(args.gradient_accumulation >= 1, "--gradient_accumulation must be at least 1")
     need(args.epochs >= 1, "--epochs must be at least 1")
-    need(args.out_dim >= 1, "--out_dim (memory size) must be positive")
+    need(args.memory_size >= 1, "--out_dim (memory size) must be positive")
     need(args.partition_size >= 1, "--partition_size (block size) must be positive")
-    need(args.partition_size <= args.out_dim,
+    need(args.partition_size <= args.memory_size,
          f"--partition_size (block size) {args.partition_size} is larger than the memory size "
-         f"--out_dim {args.out_dim}")
+         f"--out_dim {args.memory_size}")
     global_batch = args.batch_size_per_gpu * world_size
-    need(args.out_dim % global_batch == 0,
-         f"--out_dim (memory size) {args.out_dim} is not a multiple of the global batch "
+    need(args.memory_size % global_batch == 0,
+         f"--out_dim (memory size) {args.memory_size} is not a multiple of the global batch "
          f"{global_batch} (batch_size_per_gpu {args.batch_size_per_gpu} x {world_size} "
          f"processes): the memory is refilled one global batch at a time")
     need(args.bottleneck_dim >= 1, "--bottleneck_dim must be positive")
@@ -306,23 +306,20 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     bad_floats = [f"--{name} {value}" for name, value in sorted(vars(args).items())
                   if isinstance(value, float) and not math.isfinite(value)]
     need(not bad_floats, f"{', '.join(bad_floats)}: must be a finite number")
-    utils.check_device(args.device)
-    check_memory_need(args)
+    check_memory_need(args, utils.resolve_device(args.device))
 
 
 def memory_need_bytes(args: argparse.Namespace) -> int:
     """A lower bound of the bytes the memory and its per-step logits take on one process: the
-    bank (out_dim x bottleneck_dim fp32) and, for every crop of the batch, a row of out_dim
-    logits with its softmax and gradient (3 copies)."""
+    bank (memory_size x bottleneck_dim fp32) and, for every crop of the batch, a row of
+    memory_size logits with its softmax and gradient (3 copies)."""
     crops = 2 + args.local_crops_number
-    return 4 * args.out_dim * (args.bottleneck_dim + 3 * args.batch_size_per_gpu * crops)
+    return 4 * args.memory_size * (args.bottleneck_dim + 3 * args.batch_size_per_gpu * crops)
 
 
-def device_memory_bytes(device: str | None) -> int | None:
+def device_memory_bytes(device: torch.device) -> int | None:
     """Total memory of the device a run will use (GPU memory, else RAM); None if unknown."""
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
-        if not torch.cuda.is_available():
-            return None
+    if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK") or 0) % max(torch.cuda.device_count(), 1)
         return torch.cuda.get_device_properties(local_rank).total_memory
     try:
@@ -331,14 +328,14 @@ def device_memory_bytes(device: str | None) -> int | None:
         return None
 
 
-def check_memory_need(args: argparse.Namespace) -> None:
+def check_memory_need(args: argparse.Namespace, device: torch.device) -> None:
     """Refuse a memory size that cannot fit, before anything is allocated (an allocator
     traceback asking for terabytes tells the user less)."""
-    need, have = memory_need_bytes(args), device_memory_bytes(args.device)
+    need, have = memory_need_bytes(args), device_memory_bytes(device)
     if have is not None and need > have:
         raise utils.UserError(
-            f"--out_dim {args.out_dim} needs at least {need / 2 ** 30:.1f} GiB for the memory and "
-            f"its logits (bottleneck {args.bottleneck_dim}, batch {args.batch_size_per_gpu} x "
+            f"--out_dim {args.memory_size} needs at least {need / 2 ** 30:.1f} GiB for the memory "
+            f"and its logits (bottleneck {args.bottleneck_dim}, batch {args.batch_size_per_gpu} x "
             f"{2 + args.local_crops_number} crops), more than the {have / 2 ** 30:.1f} GiB of the "
             "device: use a smaller --out_dim (the paper: 65536)")
 
@@ -416,7 +413,7 @@ def train_loop(args: argparse.Namespace, env: distributed.DistEnv, dataset: Pret
     trainer = MaSSLTrainer(args, env, steps_per_epoch, log=log)
     log(f"student and teacher: {args.arch} (feature dim {trainer.embed_dim}) + head -> "
         f"{args.bottleneck_dim}, {trainer.n_params / 1e6:.2f}M parameters each; memory "
-        f"{args.out_dim} x {args.bottleneck_dim}, blocks of {args.partition_size}")
+        f"{args.memory_size} x {args.bottleneck_dim}, blocks of {args.partition_size}")
     start = resume(trainer, args, output_dir, log)
     if start.epoch >= args.epochs:
         log(f"nothing to do: {start.epoch} epochs already done (--epochs {args.epochs})")

@@ -1,4 +1,5 @@
-"""The MaSSL loss: view-to-memory distributions matched across crops (spec steps 4-6)."""
+"""The MaSSL loss: view-to-memory distributions matched across crops (docs/method.md,
+"View–memory similarities", "Random memory blocks" and "Loss")."""
 from __future__ import annotations
 
 from contextlib import contextmanager

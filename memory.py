@@ -1,4 +1,4 @@
-"""FIFO memory bank of teacher embeddings (MaSSL spec, steps 3 and 7)."""
+"""FIFO memory bank of teacher embeddings (docs/method.md, "Memory" and "Memory update")."""
 from __future__ import annotations
 
 import torch

@@ -174,17 +174,6 @@ def default_data_dir() -> Path:
     return Path(cache) / "massl" / "fashion_mnist"
 
 
-def resolve_device(device: str | None) -> str:
-    import torch  # imported here so --help stays instant
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise utils.UserError(f"--device {device}, but CUDA is not available here (use --device cpu)")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise utils.UserError(f"--device must be 'cpu' or 'cuda', got {device!r}")
-    return device
-
-
 def check_budget_args(args: argparse.Namespace) -> None:
     if args.epochs is not None and args.epochs < 1:
         raise utils.UserError("--epochs must be >= 1")
@@ -517,7 +506,7 @@ def quickstart(args: argparse.Namespace, start: float | None = None) -> dict[str
     results.json). ``start``: when the command started (default: now)."""
     start = time.time() if start is None else start
     check_budget_args(args)
-    device = resolve_device(args.device)
+    device = str(utils.resolve_device(args.device))
     preset_name = args.preset if args.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
     preset = PRESETS[preset_name]
 

@@ -17,9 +17,11 @@ import utils
 from runlog import MetricMeter, RunLog
 from trainer import MaSSLTrainer
 
-# Settings a checkpoint must share with the run resuming it (the weights' shapes).
-RESUME_MUST_MATCH = ("arch", "patch_size", "out_dim", "bottleneck_dim", "use_bn_in_head",
-                     "global_crops_size")
+# Settings a checkpoint must share with the run resuming it (the weights' shapes): the name
+# in ``args`` -> the command-line flag (``--out_dim`` is the authors' name for the memory size).
+RESUME_MUST_MATCH = {"arch": "arch", "patch_size": "patch_size", "memory_size": "out_dim",
+                     "bottleneck_dim": "bottleneck_dim", "use_bn_in_head": "use_bn_in_head",
+                     "global_crops_size": "global_crops_size"}
 CHECKPOINT_KEYS = ("student", "teacher", "optimizer", "memory", "epoch", "images_per_step",
                    "epoch_images_done")
 
@@ -48,10 +50,11 @@ def load_checkpoint(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise utils.UserError(f"{path} is not a MaSSL training checkpoint (no {', '.join(missing)})")
     saved = ckpt.get("args", {})
-    for key in RESUME_MUST_MATCH:
-        if key in saved and saved[key] != getattr(args, key):
+    for key, flag in RESUME_MUST_MATCH.items():
+        value = saved.get(key, saved.get(flag))  # args saved before the rename used the flag's
+        if value is not None and value != getattr(args, key):
             raise utils.UserError(
-                f"{path} was trained with --{key} {saved[key]}, this run has --{key} "
+                f"{path} was trained with --{flag} {value}, this run has --{flag} "
                 f"{getattr(args, key)}: use a new --output_dir or the same settings")
     return ckpt
 

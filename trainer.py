@@ -46,9 +46,9 @@ def build_networks(args: argparse.Namespace) -> tuple[MultiCropWrapper, MultiCro
     teacher_backbone, _ = build_backbone(
         args.arch, args.patch_size, img_size=args.global_crops_size, drop_path_rate=0.0)
     student = MultiCropWrapper(student_backbone, MaSSLHead(
-        embed_dim, out_dim=args.bottleneck_dim, hidden_dim=2048, use_bn=args.use_bn_in_head))
+        embed_dim, bottleneck_dim=args.bottleneck_dim, hidden_dim=2048, use_bn=args.use_bn_in_head))
     teacher = MultiCropWrapper(teacher_backbone, MaSSLHead(
-        embed_dim, out_dim=args.bottleneck_dim, hidden_dim=2048, use_bn=args.use_bn_in_head))
+        embed_dim, bottleneck_dim=args.bottleneck_dim, hidden_dim=2048, use_bn=args.use_bn_in_head))
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -213,7 +213,7 @@ class MaSSLTrainer:
 
         utils.fix_random_seeds(args.seed)  # identical weights and memory on every rank
         student, teacher, self.embed_dim = build_networks(args)
-        self.memory = MemoryBank(args.out_dim, args.bottleneck_dim).to(device)
+        self.memory = MemoryBank(args.memory_size, args.bottleneck_dim).to(device)
         student, teacher = student.to(device), teacher.to(device)
         sizes = [args.global_crops_size] + [args.local_crops_size] * (args.local_crops_number > 0)
         if getattr(args, "knn_data_path", ""):  # the online k-NN's images, checked now too

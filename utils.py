@@ -1,6 +1,6 @@
 """Small helpers shared by the training, evaluation and export scripts (one home for each).
 
-Clean CLI errors and flags, the device flag, seeds and schedules. The larger themes have
+Clean CLI errors and flags, the ``--device`` flag, seeds and schedules. The larger themes have
 their own modules: ``distributed`` (process groups, rank helpers, stop signals), ``storage``
 (atomic writes, folder locks), ``images`` (image files and decoding) and ``checkpoints``
 (reading checkpoints and building backbones from them).
@@ -41,18 +41,21 @@ def bool_flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
 
 
-def check_device(device: str | None) -> None:
-    """Refuse an unknown ``--device`` or CUDA where there is none, before anything starts."""
-    if device is None:
-        return
+def resolve_device(device: str | None) -> torch.device:
+    """The device a ``--device`` flag names, checked before anything starts: CUDA when it is
+    available and CPU otherwise for None (or ``auto``); an unknown device, or CUDA where there
+    is none, is a ``UserError``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        kind = torch.device(device).type
+        resolved = torch.device(device)
     except RuntimeError as e:
         raise UserError(f"--device {device}: {user_error_message(e)}") from e
-    if kind not in ("cpu", "cuda"):
+    if resolved.type not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}, but CUDA is not available here (use --device cpu)")
+    return resolved
 
 
 

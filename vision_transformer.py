@@ -231,14 +231,15 @@ def check_arch(arch: str) -> None:
 
 
 class MaSSLHead(nn.Module):
-    """Projection head of spec step 2: MLP to ``out_dim``, then L2 normalisation.
+    """Projection head (docs/method.md, "Networks"): MLP to ``bottleneck_dim``, then L2
+    normalisation (the embeddings the memory stores; ``--bottleneck_dim``).
 
     ``Linear(in, hidden) -> GELU -> [Linear(hidden, hidden) -> GELU] * (nlayers - 2) ->
     Linear(hidden, out)``, optional BatchNorm after each hidden linear. There are no
     prototypes: the memory bank plays that role.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 256, hidden_dim: int = 2048,
+    def __init__(self, in_dim: int, bottleneck_dim: int = 256, hidden_dim: int = 2048,
                  nlayers: int = 3, use_bn: bool = False):
         super().__init__()
         if nlayers < 1:
@@ -251,7 +252,7 @@ class MaSSLHead(nn.Module):
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.GELU())
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim))
+        layers.append(nn.Linear(dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         self.apply(init_linear_and_norm)  # as DINO's head
 

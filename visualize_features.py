@@ -19,7 +19,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
@@ -105,7 +104,7 @@ def main(args: argparse.Namespace) -> Path:
     if args.perplexity >= len(chosen):
         raise utils.UserError(f"--perplexity {args.perplexity} must be below the number of "
                               f"images ({len(chosen)})")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = utils.resolve_device(args.device)
     model, feature_dim, info = build_eval_backbone(
         args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size, args.crop_size,
         args.seed)

@@ -138,7 +138,7 @@ def write_test_images(out_dir: Path, n_images: int, size: tuple[int, int], sourc
     rng = np.random.default_rng(seed)
     photos = _skimage_photos() if source in ("auto", "skimage") else None
     if photos is None and source == "skimage":
-        raise bu.UserError("--source skimage but scikit-image is not installed "
+        raise utils.UserError("--source skimage but scikit-image is not installed "
                            "(pip install scikit-image)")
     if photos is not None:
         source = f"scikit-image sample colour photos ({len(photos)}), random crops"
@@ -211,7 +211,7 @@ def worker_cpu_per_image(built: data.TrainingData, max_batches: int) -> tuple[fl
         torch.set_num_threads(threads)
     n = (len(batches) - 1) * built.loader.batch_size
     if n == 0:
-        raise bu.UserError(f"need at least {2 * built.loader.batch_size} images for one timed "
+        raise utils.UserError(f"need at least {2 * built.loader.batch_size} images for one timed "
                            "batch (--n_images / --batch_size)")
     return cpu / n, batches
 
@@ -280,7 +280,7 @@ def loader_images_per_s(dataset, batch_size: int, workers: int, max_batches: int
     finally:
         torch.set_num_threads(threads)
     if n == 0:
-        raise bu.UserError(f"need at least {2 * batch_size} images for one timed batch "
+        raise utils.UserError(f"need at least {2 * batch_size} images for one timed batch "
                            f"(--n_images / --batch_size)")
     return n / elapsed, (n / cpu if workers == 0 and cpu > 0 else None)
 
@@ -334,12 +334,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         worker_counts = [int(w) for w in str(args.workers).split(",")]
     except ValueError:
-        raise bu.UserError(f"--workers must be comma-separated integers, got '{args.workers}'")
+        raise utils.UserError(f"--workers must be comma-separated integers, got '{args.workers}'")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(variants) - set(VARIANTS) or not variants:
-        raise bu.UserError(f"--variants takes {' and/or '.join(VARIANTS)}, got '{args.variants}'")
+        raise utils.UserError(f"--variants takes {' and/or '.join(VARIANTS)}, got '{args.variants}'")
     if any(w < 0 for w in worker_counts) or min(args.batch_size, args.max_batches, args.rounds) < 1:
-        raise bu.UserError("--workers must be >= 0; --batch_size, --max_batches, --rounds >= 1")
+        raise utils.UserError("--workers must be >= 0; --batch_size, --max_batches, --rounds >= 1")
 
     print(bu.describe_device(torch.device("cpu")) + f" | Pillow {Image.__version__}")
     print(f"load average before: {load_average()}")
@@ -400,5 +400,5 @@ def load_average() -> str:
 if __name__ == "__main__":
     try:
         main()
-    except bu.UserError as e:
-        bu.exit_with_error(str(e))
+    except utils.UserError as e:
+        utils.exit_with_error(str(e))

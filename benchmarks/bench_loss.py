@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_utils as bu  # noqa: E402  (also puts the repo root on sys.path)
+import utils  # noqa: E402
 from massl_loss import MaSSLLoss  # noqa: E402
 from memory import MemoryBank  # noqa: E402
 
@@ -171,7 +172,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7,
                    help="timed rounds per variant; the median is reported (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    p.add_argument("--tf32", type=bu.str2bool, default=True,
+    p.add_argument("--tf32", type=utils.bool_flag, default=True,
                    help="CUDA only: the loss's float32 matmuls in TF32, as training does by "
                         "default (main_massl.py --tf32_logits true; both variants get the same "
                         "setting); false for IEEE float32, as --tf32_logits false")
@@ -184,7 +185,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_shapes(args: argparse.Namespace) -> dict:
     if args.reference and args.quick:
-        raise bu.UserError("--reference and --quick are exclusive")
+        raise utils.UserError("--reference and --quick are exclusive")
     shapes = dict(REFERENCE_SHAPES if args.reference
                   else QUICK_SHAPES if args.quick else CPU_SHAPES)
     for key in shapes:
@@ -192,13 +193,13 @@ def resolve_shapes(args: argparse.Namespace) -> dict:
             shapes[key] = getattr(args, key)
     for key, value in shapes.items():
         if value <= 0:
-            raise bu.UserError(f"--{key} must be positive, got {value}")
+            raise utils.UserError(f"--{key} must be positive, got {value}")
     if shapes["n_crops"] < 2:
-        raise bu.UserError("--n_crops must be at least 2 (the two global crops)")
+        raise utils.UserError("--n_crops must be at least 2 (the two global crops)")
     if shapes["block_size"] > shapes["memory_size"]:
-        raise bu.UserError("--block_size must not exceed --memory_size")
+        raise utils.UserError("--block_size must not exceed --memory_size")
     if args.repeats < 1 or args.warmup < 0:
-        raise bu.UserError("--repeats must be >= 1 and --warmup >= 0")
+        raise utils.UserError("--repeats must be >= 1 and --warmup >= 0")
     return shapes
 
 
@@ -211,7 +212,7 @@ def main(args: argparse.Namespace) -> None:
     shapes = resolve_shapes(args)
     if args.quick:
         args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
-    device = bu.resolve_device(args.device)
+    device = utils.resolve_device(args.device)
     precision = "float32"
     if device.type == "cuda":  # the one global switch: ours and the naive loss alike
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -261,5 +262,5 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     try:
         main(arguments)
-    except bu.UserError as e:
-        bu.exit_with_error(str(e))
+    except utils.UserError as e:
+        utils.exit_with_error(str(e))

@@ -214,7 +214,7 @@ def build_trainer(opts: argparse.Namespace, device: torch.device, variant: dict
         trainer = MaSSLTrainer(args, env, steps_per_epoch=opts.warmup + opts.steps,
                                log=lambda message: None)
     except utils.UserError as e:
-        raise bu.UserError(str(e)) from None
+        raise utils.UserError(str(e)) from None
     if variant["fused_adamw"] != (device.type == "cuda"):  # the trainer fuses on CUDA
         trainer.optimizer = torch.optim.AdamW(get_params_groups(trainer.student), lr=0.0,
                                               weight_decay=0.0, fused=variant["fused_adamw"])
@@ -274,7 +274,7 @@ def variant_name(v: dict) -> str:
 
 def run(opts: argparse.Namespace) -> dict:
     """Time one configuration, or every value of ``opts.compare``, alternating step by step."""
-    device = bu.resolve_device(opts.device)
+    device = utils.resolve_device(opts.device)
     rss_base = bu.peak_rss_bytes() if device.type == "cpu" else 0
     base = {"precision": opts.precision, "sdpa": opts.sdpa, "compile": opts.compile,
             "fused_adamw": device.type == "cuda" if opts.fused_adamw is None else opts.fused_adamw,
@@ -352,13 +352,13 @@ def run(opts: argparse.Namespace) -> dict:
 def describe_shapes(a: argparse.Namespace) -> str:
     return (f"{a.arch}/{a.patch_size}, batch {a.batch_size_per_gpu}, crops "
             f"2x{a.global_crops_size} + {a.local_crops_number}x{a.local_crops_size}, "
-            f"memory {a.out_dim}/{a.partition_size}")
+            f"memory {a.memory_size}/{a.partition_size}")
 
 
 def run_real_loop(opts: argparse.Namespace) -> dict | None:
     """Two epochs of ``main_massl.train`` (same shapes and flags as the synthetic step); the
     second epoch's figures, on rank 0 (``None`` on the other ranks)."""
-    device = bu.resolve_device(opts.device)
+    device = utils.resolve_device(opts.device)
     world = distributed.world_size_from_env()
     steps = max(opts.steps, opts.warmup)  # per epoch
     variant = {"precision": opts.precision, "sdpa": True, "compile": opts.compile,
@@ -386,7 +386,7 @@ def run_real_loop(opts: argparse.Namespace) -> dict | None:
         try:
             main_massl.train(args, install_signal_handlers=False)
         except utils.UserError as e:
-            raise bu.UserError(str(e)) from None
+            raise utils.UserError(str(e)) from None
         if distributed.rank_from_env() != 0:
             return None
         log = [json.loads(line) for line in (Path(tmp) / "run" / "log.txt").read_text().splitlines()]
@@ -499,11 +499,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=list(DTYPES), default=None,
                    help="autocast dtype of the networks (the loss always computes in float32); "
                         "fp16 uses a gradient scaler. Default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--sdpa", type=bu.str2bool, default=True,
+    p.add_argument("--sdpa", type=utils.bool_flag, default=True,
                    help="fused scaled-dot-product attention (true) or explicit softmax(QK^T)V")
-    p.add_argument("--compile", type=bu.str2bool, default=False,
+    p.add_argument("--compile", type=utils.bool_flag, default=False,
                    help="torch.compile the backbones, as main_massl.py --compile does")
-    p.add_argument("--fused_adamw", type=bu.str2bool, default=None,
+    p.add_argument("--fused_adamw", type=utils.bool_flag, default=None,
                    help="AdamW(fused=...); default as the training script: fused on CUDA")
     p.add_argument("--compare", choices=list(COMPARE), default=None,
                    help="time every value of one setting, alternating step by step on the same "
@@ -541,7 +541,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_options(opts: argparse.Namespace) -> argparse.Namespace:
     """Fill the options left unset: --quick's tiny values, else the device's defaults."""
-    gpu = bu.resolve_device(opts.device).type == "cuda"
+    gpu = utils.resolve_device(opts.device).type == "cuda"
     for key, (gpu_default, cpu_default) in DEFAULTS.items():
         if getattr(opts, key) is None:
             value = QUICK[key] if opts.quick and key in QUICK else (
@@ -550,17 +550,17 @@ def resolve_options(opts: argparse.Namespace) -> argparse.Namespace:
     for key in ("batch_size", "global_size", "local_size", "memory_size", "block_size",
                 "steps", "patch_size", "peak_size"):
         if getattr(opts, key) < 1:
-            raise bu.UserError(f"--{key} must be at least 1")
+            raise utils.UserError(f"--{key} must be at least 1")
     if opts.local_crops_number < 0:
-        raise bu.UserError("--local_crops_number must be >= 0")
+        raise utils.UserError("--local_crops_number must be >= 0")
     if opts.image_size is None:
         opts.image_size = [500, 375] if gpu and not opts.quick else [2 * opts.global_size] * 2
     if opts.workers is None:
         opts.workers = 8 if gpu else 2
     if opts.real_loop and opts.compare:
-        raise bu.UserError("--real_loop times one configuration: drop --compare")
+        raise utils.UserError("--real_loop times one configuration: drop --compare")
     if opts.warmup < 1:
-        raise bu.UserError("--warmup must be at least 1 (the first step allocates and compiles)")
+        raise utils.UserError("--warmup must be at least 1 (the first step allocates and compiles)")
     return opts
 
 
@@ -578,5 +578,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except bu.UserError as e:
-        bu.exit_with_error(str(e))
+    except utils.UserError as e:
+        utils.exit_with_error(str(e))

@@ -26,16 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # flat project: the benchmarks import the top-level modules
     sys.path.insert(0, str(REPO_ROOT))
 
-from utils import UserError, exit_with_error  # noqa: E402,F401  (re-exported)
-
-
-def str2bool(value: str) -> bool:
-    """argparse type for ``--flag true|false``."""
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+from utils import UserError  # noqa: E402
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -49,19 +40,6 @@ def apply_threads(threads: int | None) -> None:
         if threads < 1:
             raise UserError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"bad --device '{name}': {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but CUDA is not available on this machine")
-    return device
 
 
 def synchronize(device: torch.device) -> None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_utils as bu  # noqa: E402
+import bench_utils  # noqa: E402,F401  (puts the repo root on sys.path)
+import utils  # noqa: E402
 
 TARGET_IMAGES_PER_S = 2000.0  # ViT-S/16 bf16 reference step, per H100
 TARGET_VS_AUTHORS = 1.5
@@ -93,7 +94,7 @@ def parse_step(step: Step) -> None:
 def read_steps(out_dir: Path) -> list[Step]:
     table = out_dir / "steps.tsv"
     if not table.is_file():
-        raise bu.UserError(f"{out_dir} has no steps.tsv: not a gpu_check.sh output folder")
+        raise utils.UserError(f"{out_dir} has no steps.tsv: not a gpu_check.sh output folder")
     logs = sorted(out_dir.glob("[0-9][0-9]_*.log"))
     steps = []
     with open(table, newline="") as f:
@@ -197,5 +198,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except bu.UserError as e:
-        bu.exit_with_error(str(e))
+    except utils.UserError as e:
+        utils.exit_with_error(str(e))

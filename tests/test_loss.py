@@ -1,4 +1,4 @@
-"""MaSSLLoss against a literal, slow implementation of spec step 6."""
+"""MaSSLLoss against a literal, slow implementation of docs/method.md, "Loss"."""
 import math
 
 import pytest

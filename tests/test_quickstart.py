@@ -191,7 +191,7 @@ def test_resumed_run_keeps_its_first_plan(tmp_path):
     """A run folder with plan.json is resumed with its epochs (its schedules are fixed),
     without timing the machine again; --epochs still overrides."""
     first = plan(step_s=0.8)
-    quickstart.utils.write_json({"plan": first.as_dict(), "calibration": None},
+    quickstart.storage.write_json({"plan": first.as_dict(), "calibration": None},
                                 tmp_path / "plan.json")
     args = quickstart.get_args_parser().parse_args(["--minutes", "1"])
     with open(tmp_path / "log", "w") as log:
@@ -204,11 +204,12 @@ def test_resumed_run_keeps_its_first_plan(tmp_path):
 def assert_parsed_as(options: dict) -> None:
     """main_massl.py's own parser reads the flags quickstart.to_flags writes as ``options``."""
     import main_massl
-    args = main_massl.build_cli_parser().parse_args(
-        [*quickstart.to_flags(dict(options)), "--data_path", "x"])
+    parser = main_massl.build_cli_parser()
+    args = parser.parse_args([*quickstart.to_flags(dict(options)), "--data_path", "x"])
     for name, value in options.items():
+        dest = parser._option_string_actions[f"--{name}"].dest  # --out_dim: args.memory_size
         expected = list(value) if isinstance(value, tuple) else value
-        got = list(getattr(args, name)) if isinstance(value, tuple) else getattr(args, name)
+        got = list(getattr(args, dest)) if isinstance(value, tuple) else getattr(args, dest)
         assert got == expected, name
 
 

@@ -431,7 +431,7 @@ def _parse_readme_line(line: str):
 def test_the_authors_readme_command_lines_parse_and_mean_what_they_say():
     vits = _parse_readme_line(AUTHORS_VIT_S)
     assert (vits.arch, vits.patch_size, vits.batch_size_per_gpu, vits.epochs) == ("vit_small", 16, 64, 800)
-    assert (vits.out_dim, vits.partition_size, vits.gradient_accumulation) == (131072, 16384, 1)
+    assert (vits.memory_size, vits.partition_size, vits.gradient_accumulation) == (131072, 16384, 1)
     assert (vits.lr, vits.min_lr, vits.warmup_epochs, vits.momentum_teacher) == (5e-4, 1e-6, 0, 0.992)
     assert vits.global_crops_scale == [0.32, 1.0] and vits.local_crops_scale == [0.05, 0.32]
     assert (vits.local_crops_number, vits.drop_path_rate, vits.clip_grad) == (10, 0.1, 3.0)
@@ -451,7 +451,7 @@ def test_aliases_and_bool_flags():
     args = parse(["--data_path", "x", "--memory_size", "4096", "--block_size", "512",
                   "--gradient_accumulation_steps", "4", "--drop_path", "0.2", "--local-rank", "3",
                   "--use_fp16", "False", "--use_bn_in_head", "yes"])
-    assert (args.out_dim, args.partition_size, args.gradient_accumulation) == (4096, 512, 4)
+    assert (args.memory_size, args.partition_size, args.gradient_accumulation) == (4096, 512, 4)
     assert (args.drop_path_rate, args.use_fp16, args.use_bn_in_head) == (0.2, False, True)
     assert parse(["--data_path", "x", "--local_rank", "1"]).local_rank == 1
     with pytest.raises(SystemExit):

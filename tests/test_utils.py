@@ -24,6 +24,23 @@ def test_cosine_scheduler_without_warmup_is_constant_when_equal():
     np.testing.assert_allclose(utils.cosine_scheduler(0.5, 0.5, 3, 2), np.full(6, 0.5))
 
 
+def test_resolve_device_is_the_one_reading_of_the_device_flag(monkeypatch):
+    """Training, evaluation, the quick start and the benchmarks read --device through here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert utils.resolve_device(None) == torch.device("cpu")
+    assert utils.resolve_device("auto") == torch.device("cpu")
+    assert utils.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(utils.UserError, match=r"--device cuda:1, but CUDA is not available here"):
+        utils.resolve_device("cuda:1")
+    with pytest.raises(utils.UserError, match=r"--device must be cpu or cuda, got 'meta'"):
+        utils.resolve_device("meta")
+    with pytest.raises(utils.UserError, match=r"^--device gpu: "):
+        utils.resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert utils.resolve_device(None) == torch.device("cuda")
+    assert utils.resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
 def test_save_atomic_leaves_no_temp_and_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "ckpt.pth"
     storage.save_atomic({"a": torch.ones(2)}, path)
