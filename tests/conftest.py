@@ -1,4 +1,6 @@
-"""Shared fixtures: real Fashion-MNIST images from the shipped split, in temp folders."""
+"""Shared fixtures: real Fashion-MNIST images from the shipped split, in temp folders, and
+training checkpoints fabricated in the layout main_massl.py writes."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -7,6 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project is flat scripts, not an installed package
 
+from fabricated import make_checkpoint  # noqa: E402
+from faults import copy_images  # noqa: E402
 from fashion_mnist import EMBEDDED_DIR, write_imagefolder  # noqa: E402
 
 
@@ -34,6 +38,58 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# Training checkpoints fabricated in main_massl.py's layout (fabricated.make_checkpoint), each
+# with the teacher backbone it holds.
+
+
+@pytest.fixture(scope="session")
+def vits16_checkpoint(tmp_path_factory):
+    """ViT-S/16 trained (fabricated) on 224 px global crops: timm's vit_small_patch16_224."""
+    path = tmp_path_factory.mktemp("vits16") / "checkpoint.pth"
+    return path, make_checkpoint(path, "vit_small", 16, 224)
+
+
+@pytest.fixture(scope="session")
+def vitt16_checkpoint(tmp_path_factory):
+    """ViT-Ti/16 trained (fabricated) on 64 px crops: the cheapest model a hub entry builds."""
+    path = tmp_path_factory.mktemp("vitt16") / "checkpoint.pth"
+    return path, make_checkpoint(path, "vit_tiny", 16, 64, seed=2)
+
+
+@pytest.fixture(scope="session")
+def nano_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nano") / "checkpoint.pth"
+    return path, make_checkpoint(path, "vit_nano", 4, 28, seed=1)
+
+
+@pytest.fixture
+def tiny_images(fmnist_folder, tmp_path):
+    """32 real Fashion-MNIST images, 2 steps of 16 per epoch: a run of a few seconds."""
+    root = tmp_path / "images"
+    for src in sorted((fmnist_folder / "train").rglob("*.png"))[::300 // 32][:32]:
+        dst = root / src.parent.name / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def flat50(fmnist_folder, tmp_path_factory) -> Path:
+    """50 real images, flat (unlabelled data)."""
+    return copy_images(fmnist_folder / "train", tmp_path_factory.mktemp("flat50") / "images", 50)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(fmnist_folder, tmp_path_factory) -> Path:
+    """An ImageFolder with the first 10 real images of each class (100 images)."""
+    root = tmp_path_factory.mktemp("tiny") / "train"
+    for class_dir in sorted((fmnist_folder / "train").iterdir()):
+        (root / class_dir.name).mkdir(parents=True)
+        for png in sorted(class_dir.glob("*.png"))[:10]:
+            shutil.copy(png, root / class_dir.name / png.name)
+    return root
 
 
 def pytest_configure(config) -> None:

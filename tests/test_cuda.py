@@ -28,9 +28,9 @@ import export
 import checkpoints
 import distributed
 import vision_transformer as vits
-from test_ecosystem import PTH_AND_SAFETENSORS, features, fmnist_batch, make_checkpoint
-from test_train import (LOSS_MARGIN, REFERENCE, ROOT, SCRIPT, TIMEOUT, TINY, _env, _free_port,
-                        _read_until, epoch_losses, load, tiny_data)  # noqa: F401  (a fixture)
+from fabricated import PTH_AND_SAFETENSORS, features, fmnist_batch, make_checkpoint
+from test_main_massl import (LOSS_MARGIN, REFERENCE, ROOT, SCRIPT, TIMEOUT, TINY, _env,
+                             _free_port, _read_until, epoch_losses, load)
 
 GPU = "cuda"  # the device every test here runs on (one name, so the logic can be dry-run)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -103,7 +103,7 @@ def full_fp32() -> Iterator[None]:
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_training_on_gpu_learns_and_saves_a_weights_only_checkpoint(precision, compiled,
                                                                     tiny_data, tmp_path):
-    # test_train's 3-epoch reference settings (why the loss reliably drops by LOSS_MARGIN is
+    # test_main_massl's 3-epoch reference settings (why the loss reliably drops by LOSS_MARGIN is
     # explained there), with 2 data workers feeding pinned memory. On CPU over seeds 0-1 the
     # loss drops by 0.76-0.81 in fp32, 0.66-0.80 in bf16, and 0.74-0.78 in fp16 autocast with
     # a gradient scaler (emulated on CPU; the scaler skipped one step of 18).

@@ -399,11 +399,11 @@ def test_output_channel_statistics_match_the_pil_path(small_photos):
 # --------------------------------------------------------------------------- training
 
 
-from test_train import (REFERENCE, SCRIPT, TIMEOUT, TINY, _env, _free_port,  # noqa: E402
-                        _write_bad_image, kill_after_first_checkpoint, load, run_main, run_script,
-                        small_args, tiny_data)
+from test_main_massl import (REFERENCE, SCRIPT, TIMEOUT, TINY, _env, _free_port,  # noqa: E402
+                             _write_bad_image, kill_after_first_checkpoint, load, run_main,
+                             run_script, small_args)
 
-_ = (small_args, tiny_data)  # fixtures used below
+_ = small_args  # a fixture used below
 
 
 def test_training_on_the_device_is_the_workers_run_and_resumes_exactly(tiny_data, tmp_path):

@@ -2,15 +2,19 @@
 weights, files replaced or mixed from another dump, and inconsistent shapes, with one line), and
 the progress line of feature extraction and linear-probe epochs (``Progress``)."""
 import json
+import re
 import shutil
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import evaluation
 import checkpoints
+import eval_knn
+import eval_linear
+import evaluation
 import images
+import utils
 import vision_transformer as vits
 from test_eval import assert_clean_exit, run_in_process
 
@@ -184,3 +188,27 @@ def test_linear_probe_epoch_prints_progress(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("  ")[0] for line in lines] == ["epoch 1/5: 5/12 images (42%)",
                                                        "epoch 1/5: 10/12 images (83%)"]
+
+
+# --------------------------------------------------------------------------- argument checks of the eval scripts
+
+
+@pytest.mark.parametrize("script, argv, pattern", [
+    (eval_knn, ["--temperature", "0"], "--temperature must be > 0"),
+    (eval_knn, ["--temperature", "-0.07"], "--temperature must be > 0"),
+    (eval_knn, ["--temperature", "nan"], "--temperature must be > 0"),
+    (eval_knn, ["--nb_knn", "20", "0"], "--nb_knn values must be >= 1, got 0"),
+    (eval_knn, ["--batch_size_per_gpu", "0"], "--batch_size_per_gpu must be at least 1"),
+    (eval_knn, ["--pretrained_weights", "no_such.pth"], "no such file: no_such.pth"),
+    (eval_linear, ["--lr", "0"], "--lr must be > 0"),
+    (eval_linear, ["--lr", "inf"], "--lr inf: must be a finite number"),
+    (eval_linear, ["--n_last_blocks", "0"], "--n_last_blocks must be at least 1"),
+    (eval_linear, ["--epochs", "0"], "--epochs must be at least 1"),
+    (eval_linear, ["--crop_size", "0"], "--crop_size must be at least 1"),
+], ids=lambda x: x.__name__ if hasattr(x, "__name__") else None)
+def test_eval_scripts_check_arguments_before_any_work(script, argv, pattern, tmp_path):
+    # The data folder does not exist: a check made after the work starts would name it instead.
+    args = script.get_args_parser().parse_args(
+        ["--data_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o"), *argv])
+    with pytest.raises(utils.UserError, match=re.escape(pattern)):
+        script.main(args)

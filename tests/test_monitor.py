@@ -7,7 +7,6 @@ import json
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,17 +209,6 @@ def test_online_knn_is_eval_knn_and_leaves_the_global_rngs_alone(fmnist_folder, 
 
 
 # --------------------------------------------------------------------------- training runs
-
-
-@pytest.fixture(scope="module")
-def tiny_data(fmnist_folder, tmp_path_factory) -> Path:
-    """An ImageFolder with the first 10 real images of each class (100 images)."""
-    root = tmp_path_factory.mktemp("tiny") / "train"
-    for class_dir in sorted((fmnist_folder / "train").iterdir()):
-        (root / class_dir.name).mkdir(parents=True)
-        for png in sorted(class_dir.glob("*.png"))[:10]:
-            shutil.copy(png, root / class_dir.name / png.name)
-    return root
 
 
 def train(tiny_data: Path, out: Path, *extra: str, stop_at_call: int | None = None,
