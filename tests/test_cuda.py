@@ -355,8 +355,8 @@ def test_a_vit_small_step_at_the_reference_shapes():
 @pytest.mark.cuda
 @needs_cuda
 def test_device_augmentation_on_gpu_equals_the_cpu_crops(fmnist_folder):
-    """--augment_on device on CUDA: the CPU's crops (PIL's, bit for bit) within one level of
-    the resize's float32 sums, from pinned batches, and a training run with it."""
+    """--augment_on device on CUDA, from pinned batches: the CPU's crops (PIL's, bit for bit)
+    within one level (the resize's float32 sums)."""
     import device_augment as da
     import utils as u
     skimage_data = pytest.importorskip("skimage.data")
