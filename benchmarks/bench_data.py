@@ -25,8 +25,8 @@ Fashion-MNIST images upscaled (grey, so less realistic; the output says which).
 ``--compare augment_on`` times, side by side and alternating, what each ``--augment_on``
 path costs a loader worker per image (CPU seconds of a 1-thread, 0-worker loader: decode,
 crops or plan, collate), and what the device path's second half costs per image in the
-training process (``device_augment.DeviceMultiCrop``; on CUDA as well when a GPU is there,
-timed with synchronisation).
+training process (``device_augment.DeviceMultiCrop``, on ``--device_part``: CUDA when a GPU is
+there, timed with synchronisation, else the CPU).
 """
 from __future__ import annotations
 
@@ -233,7 +233,10 @@ def device_seconds_per_image(batches: list, crop_sizes: list[int], device: torch
 
 def compare_augment_on(data_path: str, args: argparse.Namespace) -> None:
     """``--compare augment_on``: worker CPU per image of both paths, device part per image."""
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if args.device_part == "auto":  # the CPU figure takes minutes at the reference sizes
+        devices = [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+    else:
+        devices = [torch.device(d) for d in args.device_part.split(",")]
     built = {mode: training_data(data_path, args, mode, torch.device("cpu"))
              for mode in ("workers", "device")}
     worker: dict[str, list[float]] = {"workers": [], "device": []}
@@ -318,6 +321,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["augment_on"], default=None,
                    help="augment_on: worker CPU per image of --augment_on workers vs device, "
                         "and the device part's time per image (CPU; CUDA too if present)")
+    p.add_argument("--device_part", default="auto",
+                   help="with --compare augment_on: where to time the device half, e.g. cpu or "
+                        "cpu,cuda (default: cuda when available, else cpu)")
     p.add_argument("--quick", action="store_true",
                    help="a few tiny images and crops: checks the script runs, measures nothing")
     return p

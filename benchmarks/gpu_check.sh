@@ -63,7 +63,8 @@ for arch in vit_small vit_base; do  # the first steps compile (3 graphs), then 1
 done
 step real_loop_vit_small_bf16 35 "$PY" "${STEP[@]}" --arch vit_small --precision bf16 --real_loop
 step formulation_vit_small_bf16 25 "$PY" "${STEP[@]}" --arch vit_small --precision bf16 --compare formulation
-step data_augment_on 20 "$PY" benchmarks/bench_data.py --compare augment_on
+step data_augment_on 30 "$PY" benchmarks/bench_data.py --compare augment_on --n_images 96 \
+    --max_batches 4 --rounds 1
 step torchrun_nccl_real_loop 40 env MASSL_FORCE_DDP=1 "$PY" -m torch.distributed.run \
     --standalone --nproc-per-node=1 "${STEP[@]}" --arch vit_small --precision bf16 --real_loop
 

@@ -164,6 +164,20 @@ def test_bench_data_quick_on_real_images(repo_root, fmnist_folder):
     assert all(float(r.split("|")[5]) > 0 for r in rows if r.split(" | ")[1] == "0")
 
 
+def test_bench_data_compare_augment_on(repo_root, fmnist_folder):
+    """Both paths' worker CPU per image, the device half's time, and the ratio line."""
+    out = run_script(repo_root, "benchmarks/bench_data.py", "--quick", "--compare", "augment_on",
+                     "--data_path", fmnist_folder / "train").stdout
+    rows = {r.split(" | ")[0][2:]: r for r in out.splitlines() if re.match(r"\| (workers|device) \|", r)}
+    assert set(rows) == {"workers", "device"}, out
+    per_image = {k: float(re.search(r"\| ([0-9.]+) ms \|", r).group(1)) for k, r in rows.items()}
+    assert all(v > 0 for v in per_image.values())
+    assert re.search(r"device part on cpu: [0-9.]+ ms per image", out), out
+    ratio = float(re.search(r"ratio: worker CPU per image workers/device ([0-9.]+)x$",
+                            line(out, "ratio:")).group(1))
+    assert ratio == pytest.approx(per_image["workers"] / per_image["device"], rel=0.1)
+
+
 def test_bench_data_generated_images_are_the_ones_timed(repo_root, monkeypatch, tmp_path):
     # The Fashion-MNIST fallback must not leave its PNGs next to the JPEGs (they would be
     # read as a class folder and timed instead).

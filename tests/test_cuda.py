@@ -355,6 +355,30 @@ def test_a_vit_small_step_at_the_reference_shapes():
 
 @pytest.mark.cuda
 @needs_cuda
+def test_device_augmentation_on_gpu_equals_the_cpu_crops(fmnist_folder):
+    """--augment_on device on CUDA, from pinned batches: the CPU's crops (PIL's, bit for bit)
+    within one level (the resize's float32 sums)."""
+    import device_augment as da
+    import utils as u
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+    photos = [Image.fromarray(skimage_data.astronaut()), Image.fromarray(skimage_data.coffee())]
+    plan = da.MultiCropPlan((0.32, 1.0), (0.05, 0.32), 10, 224, 96)
+    samples = []
+    for seed, photo in enumerate(photos):
+        torch.manual_seed(seed)
+        samples.append((plan(photo), 0))
+    batch, _ = da.collate_plans(samples)
+    pinned = da.PlannedBatch(*(t.pin_memory() for t in batch))
+    crops = {d: da.DeviceMultiCrop(plan.crop_sizes, u.IMAGENET_MEAN, u.IMAGENET_STD, d)(pinned)
+             for d in ("cpu", GPU)}
+    step = 1 / 255 / min(u.IMAGENET_STD)  # one uint8 level after normalisation
+    for cpu, gpu in zip(crops["cpu"], crops[GPU]):
+        assert (gpu.cpu() - cpu).abs().max().item() <= step * 1.001
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_eval_knn_on_gpu_equals_the_cpu_result(fmnist_folder, tmp_path):
     ckpt = tmp_path / "checkpoint.pth"
     make_checkpoint(ckpt, "vit_nano", 4, 28, seed=1)
