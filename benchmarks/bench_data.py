@@ -233,10 +233,8 @@ def device_seconds_per_image(batches: list, crop_sizes: list[int], device: torch
 
 def compare_augment_on(data_path: str, args: argparse.Namespace) -> None:
     """``--compare augment_on``: worker CPU per image of both paths, device part per image."""
-    if args.device_part == "auto":  # the CPU figure takes minutes at the reference sizes
-        devices = [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
-    else:
-        devices = [torch.device(d) for d in args.device_part.split(",")]
+    # auto: CUDA when there is a GPU (the CPU figure takes minutes at the reference sizes)
+    devices = [utils.resolve_device(d) for d in args.device_part.split(",")]
     built = {mode: training_data(data_path, args, mode, torch.device("cpu"))
              for mode in ("workers", "device")}
     worker: dict[str, list[float]] = {"workers": [], "device": []}
