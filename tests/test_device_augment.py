@@ -13,7 +13,6 @@ Three layers, on real images (scikit-image's colour photos, Fashion-MNIST):
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 from collections import Counter
@@ -397,53 +396,13 @@ def test_output_channel_statistics_match_the_pil_path(small_photos):
 
 
 # --------------------------------------------------------------------------- training
+# (a run with --augment_on device is the workers run, bit for bit, and resumes exactly:
+# tests/test_main_massl.py, next to the reference run it is compared with)
 
 
-from test_main_massl import (REFERENCE, SCRIPT, TIMEOUT, TINY, _env, _free_port,  # noqa: E402
-                             _write_bad_image, kill_after_first_checkpoint, load, run_main,
-                             run_script, small_args)
+from test_main_massl import _write_bad_image, run_main, small_args  # noqa: E402
 
 _ = small_args  # a fixture used below
-
-
-def test_training_on_the_device_is_the_workers_run_and_resumes_exactly(tiny_data, tmp_path):
-    """On the CPU the device crops are the PIL crops, so the run is the same run; killed after
-    its first checkpoint (SIGKILL) and restarted, it ends where the uninterrupted one does."""
-    import sys
-    two_epochs = [*REFERENCE[:REFERENCE.index("--epochs")], "--epochs", "2",
-                  *REFERENCE[REFERENCE.index("--epochs") + 2:]]
-    workers = tmp_path / "workers"
-    assert run_script(two_epochs + ["--data_path", str(tiny_data), "--output_dir",
-                                    str(workers)]).returncode == 0
-    out = tmp_path / "device"
-    argv = two_epochs + ["--data_path", str(tiny_data), "--output_dir", str(out),
-                         "--augment_on", "device", "--num_workers", "2"]
-    kill_after_first_checkpoint([sys.executable, SCRIPT, *argv], out)
-    assert load(out / "checkpoint.pth")["epoch"] < 2, "killed too late to test resuming"
-    result = run_script(argv)
-    assert result.returncode == 0, result.stderr
-    assert "resumed from" in result.stdout and "crops made on the training device" in result.stdout
-    a, b = load(workers / "checkpoint.pth"), load(out / "checkpoint.pth")
-    for key in ("teacher", "memory"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
-
-
-def test_two_processes_on_the_device_stay_in_sync(tiny_data, tmp_path):
-    import subprocess
-    import sys
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           f"--master-port={_free_port()}", SCRIPT, *TINY, "--batch_size_per_gpu", "8",
-           "--epochs", "1", "--lr", "0.01", "--augment_on", "device",
-           "--data_path", str(tiny_data), "--output_dir", str(out)]
-    env = _env()
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    entry = json.loads((out / "log.txt").read_text().splitlines()[-1])
-    rank0, rank1 = entry["rank_fingerprints"]
-    assert rank0 == rank1
 
 
 def test_an_image_gets_the_same_crops_on_one_or_two_processes(fmnist_folder):

@@ -178,6 +178,26 @@ def test_sigkill_after_first_checkpoint_then_restart_replays_exactly(reference_r
     torch.testing.assert_close(b["memory"], a["memory"])
 
 
+def test_augment_on_device_is_the_reference_run_and_resumes_exactly(reference_run, tiny_data,
+                                                                   tmp_path):
+    """On the CPU the device crops are the PIL crops bit for bit, so the run is the reference
+    (workers) run; killed after its first checkpoint (SIGKILL) and restarted, it ends with the
+    reference's teacher and memory exactly."""
+    ref_out, _ = reference_run
+    out = tmp_path / "device"
+    argv = REFERENCE + ["--data_path", str(tiny_data), "--output_dir", str(out),
+                        "--augment_on", "device", "--num_workers", "2"]
+    kill_after_first_checkpoint([sys.executable, SCRIPT, *argv], out)
+    assert load(out / "checkpoint.pth")["epoch"] < 3, "killed too late to test resuming"
+    result = run_script(argv)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and "crops made on the training device" in result.stdout
+    a, b = load(ref_out / "checkpoint.pth"), load(out / "checkpoint.pth")
+    for key in ("teacher", "memory"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
 def test_sigterm_mid_epoch_saves_exits_0_and_resumes_exactly(reference_run, tiny_data, tmp_path):
     ref_out, _ = reference_run
     out = tmp_path / "run"
