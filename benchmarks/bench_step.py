@@ -161,6 +161,10 @@ class AuthorsLoss(nn.Module):
     def forward(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor,
                 memory_features: torch.Tensor, teacher_temp: float,
                 perm: torch.Tensor | None = None) -> torch.Tensor:
+        if not torch.is_autocast_enabled(memory_features.device.type):
+            # A float32 matmul saves the memory bank itself for backward, and the step
+            # writes the bank before backward: a snapshot, as the autocast cast makes one.
+            memory_features = memory_features.clone()
         return naive_massl_loss(student_emb, teacher_emb, memory_features, self.block_size,
                                 self.student_temp, teacher_temp, perm=perm)
 

@@ -49,7 +49,7 @@ step() {
 }
 
 STEP=(benchmarks/bench_step.py --steps 10 --warmup 3)
-step cuda_tests 130 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider
+step cuda_tests 130 "$PY" -m pytest -q -n 0 -m cuda tests -p no:cacheprovider
 step loss_reference 25 "$PY" benchmarks/bench_loss.py --reference
 for arch in vit_small vit_base; do
     for precision in bf16 fp16; do

@@ -1,5 +1,6 @@
 """Shared fixtures: real Fashion-MNIST images from the shipped split, in temp folders, and
 training checkpoints fabricated in the layout main_massl.py writes."""
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -94,23 +95,47 @@ def tiny_data(fmnist_folder, tmp_path_factory) -> Path:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run them "
-                                       "with python -m pytest -m cuda tests")
+                                       "with python -m pytest -n 0 -m cuda tests")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        # pytest.ini runs the files in parallel workers (pytest-xdist): a worker's in-process
+        # tensors on every core would oversubscribe the cores the other workers use.
+        import torch
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+LEFTOVER_KEY = "leftover_child_processes"
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Fail the run when a test leaves worker processes behind, and end them.
 
     A leftover data worker that defers SIGTERM would otherwise keep pytest from exiting
-    (multiprocessing joins its children at exit), and CI would hang instead of failing."""
+    (multiprocessing joins its children at exit), and CI would hang instead of failing.
+    In an xdist worker the finding goes back to the controller (``pytest_testnodedown``)."""
     import multiprocessing
 
     leftover = multiprocessing.active_children()
-    if not leftover:
-        return
     for process in leftover:
         process.kill()
         process.join(10)
     names = ", ".join(f"{p.name} (pid {p.pid})" for p in leftover)
-    print(f"\nerror: tests left {len(leftover)} child process(es) running: {names}",
-          file=sys.stderr)
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if hasattr(session.config, "workeroutput"):  # an xdist worker
+        session.config.workeroutput[LEFTOVER_KEY] = names
+    elif names:
+        _leftover_found(session.config, names)
+    if getattr(session.config, "_massl_leftover", False):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown without pytest-xdist
+def pytest_testnodedown(node, error) -> None:
+    """The controller's side of an xdist worker's leftover check (only called under xdist)."""
+    names = getattr(node, "workeroutput", {}).get(LEFTOVER_KEY)
+    if names:
+        _leftover_found(node.config, names)
+
+
+def _leftover_found(config, names: str) -> None:
+    print(f"\nerror: tests left child process(es) running: {names}", file=sys.stderr)
+    config._massl_leftover = True

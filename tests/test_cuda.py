@@ -1,4 +1,4 @@
-"""The GPU code paths, marked ``cuda``: run them with ``python -m pytest -m cuda tests``.
+"""The GPU code paths, marked ``cuda``: run them with ``python -m pytest -n 0 -m cuda tests``.
 
 Without CUDA they are skipped (CI has no GPU). On a GPU: main_massl.py on real Fashion-MNIST
 images in fp32, fp16 (gradient scaler) and bf16, eager and ``--compile``d, with data workers

@@ -116,7 +116,7 @@ def test_gpu_check_runs_the_issue_list_within_nine_minutes():
                      "formulation_vit_small_bf16", "data_augment_on", "torchrun_nccl_real_loop"]
     assert sum(int(c[1]) for c in calls) + 3 * sum(int(c[1]) for c in loops) <= 540
     commands = dict((c[0], c[2]) for c in calls)
-    assert "-m pytest -q -m cuda tests" in commands["cuda_tests"]
+    assert "-m pytest -q -n 0 -m cuda tests" in commands["cuda_tests"]
     assert "bench_loss.py --reference" in commands["loss_reference"]
     eager, compiled = (c[2] for c in loops)
     assert '--arch "$arch" --precision "$precision"' in eager and "--compile" not in eager

@@ -27,7 +27,7 @@ import torch
 import data
 import distributed
 import main_massl
-from faults import PICO
+from faults import PICO, _env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "main_massl.py")
@@ -50,15 +50,6 @@ REFERENCE = TINY + ["--batch_size_per_gpu", "16", "--epochs", "3", "--lr", "0.01
                     "--saveckp_freq", "2"]
 STEPS_PER_EPOCH = 6
 TIMEOUT = 300
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
-        env.pop(name, None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def run_script(args: list[str], timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
