@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Sequence
+from typing import ContextManager, NamedTuple, Sequence
 
 import numpy as np
 import PIL
 import torch
 from PIL import Image
 from torchvision import transforms
+
+from massl_loss import cuda_matmul_tf32
 
 AUGMENT_ON = ("workers", "device")
 
@@ -255,19 +257,10 @@ def resize_boxes(boxes: torch.Tensor, heights: torch.Tensor, widths: torch.Tenso
     return out.float()
 
 
-@contextlib.contextmanager
-def _ieee_matmul(device: torch.device) -> Iterator[None]:
+def _ieee_matmul(device: torch.device) -> ContextManager[None]:
     """float32 matmuls without TF32 here, whatever the process chose: TF32's 10-bit inputs
     would move the resize's sums by up to ~0.1 level instead of ~1e-5."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+    return cuda_matmul_tf32(False) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _blend(base: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -2,32 +2,36 @@
 "View–memory similarities", "Random memory blocks" and "Loss")."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MaSSLLoss", "KoLeoLoss", "BlockProbs", "tf32_matmuls", "round_to_tf32"]
+__all__ = ["MaSSLLoss", "KoLeoLoss", "BlockProbs", "tf32_matmuls", "cuda_matmul_tf32",
+           "round_to_tf32"]
 
 
 @contextmanager
-def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """CUDA float32 matmuls in TF32 (inputs rounded to 10 mantissa bits, float32 sums) inside
-    the block, restoring the previous setting after; nothing changes when ``enabled`` is
-    false or off CUDA. The legacy flag, the one API this project uses (mixing it with
+def cuda_matmul_tf32(allow: bool) -> Iterator[None]:
+    """CUDA float32 matmuls with TF32 (inputs rounded to 10 mantissa bits, float32 sums)
+    allowed or not inside the block, whatever the process chose; the previous setting is
+    restored after. The legacy flag, the one API this project uses (mixing it with
     ``fp32_precision`` is an error in PyTorch)."""
-    if not enabled:
-        yield
-        return
     saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = allow
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def tf32_matmuls(enabled: bool) -> ContextManager[None]:
+    """The loss's CUDA float32 matmuls in TF32 inside the block when ``enabled``; nothing
+    changes when it is false or off CUDA."""
+    return cuda_matmul_tf32(True) if enabled else nullcontext()
 
 
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The suite's own guard (conftest.py): a test that leaves a child process running fails the
-run, serial and under pytest-xdist's workers (pytest.ini runs the files in parallel)."""
+run, also when it ran in a pytest-xdist worker (pytest.ini runs the files in parallel) and the
+finding has to reach the controller."""
 import subprocess
 import sys
 from pathlib import Path

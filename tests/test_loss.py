@@ -216,3 +216,18 @@ def test_tf32_flag_changes_nothing_off_cuda_and_restores_the_setting():
     with tf32_matmuls(True):
         assert torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cuda.matmul.allow_tf32 == before
+    with tf32_matmuls(False):
+        assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_device_resize_turns_tf32_off_on_cuda_only_and_restores_the_setting():
+    import device_augment
+    from massl_loss import cuda_matmul_tf32
+    before = torch.backends.cuda.matmul.allow_tf32
+    with cuda_matmul_tf32(True):
+        with device_augment._ieee_matmul(torch.device("cuda")):
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+        with device_augment._ieee_matmul(torch.device("cpu")):
+            assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
